@@ -1,0 +1,221 @@
+"""The agent's main loop: one thread acts on one queue of events.
+
+Events come from the coordinator's stream (a reader thread), from worker exit watchers and from signal handlers;
+`queue.SimpleQueue.put` is reentrant, so handlers may enqueue directly and never act themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent.output import OutputPolicy, attempt_dir
+from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
+from flashrun.agent.workers import ExitReport, WorkerGroup
+from flashrun.config import PROTOCOL_VERSION, Endpoint, LaunchConfig
+from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
+
+OUTPUT_DRAIN_S = 2.0
+"""After workers exit, how long their last output may take to reach the console and files."""
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FromCoordinator:
+    message: pb.CoordinatorMessage
+
+
+@dataclasses.dataclass(frozen=True)
+class _CoordinatorLost:
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Signal:
+    signum: int
+
+
+def say(message: str) -> None:
+    print(f"flashrun: {message}", file=sys.stderr, flush=True)
+
+
+class Agent:
+    def __init__(self, config: LaunchConfig, token: str, run_dir: str) -> None:
+        self._config = config
+        self._endpoint = Endpoint("localhost", 0)
+        self._token = token
+        self._run_dir = run_dir
+        """Where attempt_N/RANK/{error.json,stdout.log,stderr.log} go: --log-dir/RUN_ID, or a temporary dir."""
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
+        self._workers: WorkerGroup | None = None
+        self._env = launcher_env(config.base_env, config.nproc_per_node)
+        self.agent_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def on_signal(self, signum: int, _frame: object = None) -> None:
+        self._events.put(_Signal(signum))
+
+    # The loop -----------------------------------------------------------------------------------------------
+
+    def run(self, endpoint: Endpoint) -> int:
+        """Join the coordinator at `endpoint`, run this node's share of the job, return the exit code."""
+        self._endpoint = endpoint
+        channel = grpc.insecure_channel(str(self._endpoint))
+        try:
+            self._wait_for_coordinator(channel)
+            stub = pb_grpc.CoordinatorStub(channel)
+            self._outbox.put(pb.AgentMessage(join=pb.Join(
+                protocol_version=PROTOCOL_VERSION, run_id=self._config.run_id, token=self._token,
+                node_rank=-1 if self._config.node_rank is None else self._config.node_rank,
+                hostname=socket.gethostname(), local_world_size=self._config.nproc_per_node, agent_id=self.agent_id,
+            )))
+            responses = stub.Connect(self._requests())
+            threading.Thread(target=self._read_coordinator, args=(responses,), name="flashrun-agent-read",
+                             daemon=True).start()
+            return self._loop()
+        finally:
+            self._outbox.put(None)
+            channel.close()
+
+    def _wait_for_coordinator(self, channel: grpc.Channel) -> None:
+        ready = grpc.channel_ready_future(channel)
+        deadline = time.monotonic() + self._config.timeouts.join_s
+        while True:
+            try:
+                ready.result(timeout=0.2)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+            if self._signalled_while_waiting():
+                ready.cancel()
+                raise FlashrunError("interrupted while waiting for the coordinator", EXIT_JOB_FAILED)
+            if time.monotonic() >= deadline:
+                ready.cancel()
+                raise FlashrunError(
+                    f"no coordinator answered at {self._endpoint} within {self._config.timeouts.join_s:g} s: check "
+                    "--rdzv-endpoint and that the node-rank-0 launcher is running",
+                    EXIT_JOB_FAILED,
+                )
+
+    def _signalled_while_waiting(self) -> bool:
+        try:
+            event = self._events.get_nowait()
+        except queue.Empty:
+            return False
+        if isinstance(event, _Signal):
+            return True
+        self._events.put(event)
+        return False
+
+    def _requests(self) -> Iterator[pb.AgentMessage]:
+        while (message := self._outbox.get()) is not None:
+            yield message
+
+    def _read_coordinator(self, responses: Iterator[pb.CoordinatorMessage]) -> None:
+        try:
+            for message in responses:
+                self._events.put(_FromCoordinator(message))
+            detail = "the coordinator closed the connection"
+        except grpc.RpcError as err:
+            detail = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+        self._events.put(_CoordinatorLost(detail))
+
+    def _loop(self) -> int:
+        join_deadline = time.monotonic() + self._config.timeouts.join_s
+        started = False
+        spare = False
+        while True:
+            try:
+                event = self._events.get(timeout=0.5 if not started else None)
+            except queue.Empty:
+                if not spare and time.monotonic() >= join_deadline:
+                    raise FlashrunError(
+                        f"the rendezvous at {self._endpoint} did not complete within "
+                        f"{self._config.timeouts.join_s:g} s: start the other nodes' launchers or lower --nnodes",
+                        EXIT_JOB_FAILED,
+                    ) from None
+                continue
+            if isinstance(event, _Signal):
+                self._stop_workers(event.signum)
+                say(f"received {signal.Signals(event.signum).name}; workers stopped")
+                return EXIT_SIGNAL_BASE + event.signum
+            if isinstance(event, ExitReport):
+                self._report_exit(event)
+            elif isinstance(event, _CoordinatorLost):
+                self._stop_workers(signal.SIGTERM)
+                raise FlashrunError(f"lost the coordinator at {self._endpoint} ({event.detail}); workers stopped",
+                                    EXIT_JOB_FAILED)
+            elif isinstance(event, _FromCoordinator):
+                message = event.message
+                kind = message.WhichOneof("body")
+                if kind == "rejected":
+                    raise FlashrunError(f"the coordinator rejected this node: {message.rejected.reason}")
+                if kind == "waiting":
+                    say(f"waiting for nodes: {message.waiting.joined}/{message.waiting.needed} joined")
+                elif kind == "spare":
+                    spare = True
+                    say(f"standing by as a spare node: {message.spare.reason}")
+                elif kind == "start":
+                    started = True
+                    self._start_workers(message.start)
+                elif kind == "stop":
+                    self._stop_workers(signal.SIGTERM)
+                    self._outbox.put(pb.AgentMessage(
+                        workers_stopped=pb.WorkersStopped(generation=message.stop.generation)))
+                elif kind == "shutdown":
+                    self._stop_workers(signal.SIGTERM)
+                    if message.shutdown.summary and message.shutdown.exit_code != 0:
+                        say(message.shutdown.summary)
+                    return message.shutdown.exit_code
+
+    # Workers ------------------------------------------------------------------------------------------------
+
+    def _start_workers(self, start: pb.StartWorkers) -> None:
+        self._stop_workers(signal.SIGTERM)
+        config = self._config
+        group = WorkerGroup(start.generation, self._events.put)
+        for local_rank in range(config.nproc_per_node):
+            rank = start.rank_offset + local_rank
+            directory = attempt_dir(self._run_dir, start.generation, rank)
+            placement = WorkerPlacement(
+                local_rank=local_rank, local_world_size=config.nproc_per_node, rank_offset=start.rank_offset,
+                world_size=start.world_size, node_rank=start.node_rank, nnodes=start.nnodes,
+                generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
+                master_addr=start.master_addr or config.master_addr or self._endpoint.host,
+                master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
+            )
+            policy = OutputPolicy(
+                prefix=f"[rank{rank}]:".encode(), log_dir=config.log_dir,
+                redirect=config.redirects[local_rank], tee=config.tee[local_rank],
+                on_console=config.local_ranks_filter is None or local_rank in config.local_ranks_filter,
+            )
+            group.spawn(local_rank, [*config.entrypoint, *config.script_args], worker_env(self._env, placement),
+                        policy, placement.error_file)
+        self._workers = group
+
+    def _report_exit(self, report: ExitReport) -> None:
+        self._outbox.put(pb.AgentMessage(worker_exited=pb.WorkerExited(
+            generation=report.generation, local_rank=report.local_rank, exit_code=report.exit_code,
+            error_message=report.error_message, traceback=report.traceback, timestamp=report.timestamp,
+        )))
+
+    def _stop_workers(self, signum: int) -> None:
+        if self._workers is None:
+            return
+        timeouts = self._config.timeouts
+        survivors = self._workers.stop(signum, timeouts.stop_grace_s, timeouts.kill_wait_s, OUTPUT_DRAIN_S)
+        if survivors:
+            say(f"worker PIDs {survivors} did not exit after SIGKILL within {timeouts.kill_wait_s:g} s")
+        self._workers = None

@@ -1,0 +1,219 @@
+"""The `flashrun` command line: options in, a validated `LaunchConfig` out, nothing else.
+
+Options and defaults follow torchrun's, including both spellings and the PET_* environment fallbacks; under Slurm,
+options left unset come from the allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+
+import click
+
+from flashrun import __version__
+from flashrun.config import (
+    DEFAULT_RDZV_PORT,
+    SLURM_PORT_BASE,
+    SLURM_PORT_SPAN,
+    Endpoint,
+    LaunchConfig,
+    cpu_count,
+    parse_endpoint,
+    parse_local_ranks_filter,
+    parse_nnodes,
+    parse_nproc_per_node,
+    parse_rdzv_conf,
+    parse_std_spec,
+    resolve_token,
+    timeouts_from_rdzv_conf,
+)
+from flashrun.errors import EXIT_USAGE, FlashrunError
+from flashrun.slurm import SlurmAllocation
+
+# torchrun options flashrun deliberately does not implement, with what to do instead.
+UNSUPPORTED = {
+    "run_path": "run the script with plain `python -u` semantics (the default) instead",
+    "event_log_handler": "flashrun writes its own events to <log-dir>/events.jsonl",
+    "logs_specs": "use --log-dir, --redirects and --tee",
+    "duplicate_stdout_filters": "filter the per-rank files under --log-dir instead",
+    "duplicate_stderr_filters": "filter the per-rank files under --log-dir instead",
+    "numa_binding": "bind inside the script (os.sched_setaffinity) instead",
+    "virtual_local_rank": "set CUDA_VISIBLE_DEVICES inside the script instead",
+}
+
+
+def _option(*names: str, **kwargs: object):  # noqa: ANN202 - a thin wrapper over click.option
+    """A torchrun option: both spellings and its PET_<NAME> environment fallback."""
+    dest = next(name for name in names if name.startswith("--"))[2:].replace("-", "_")
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--") and "-" in name[2:]:
+            spellings.append("--" + name[2:].replace("-", "_"))
+    return click.option(*dict.fromkeys(spellings), dest, envvar=f"PET_{dest.upper()}", show_envvar=False, **kwargs)
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+    epilog="Runs SCRIPT on every node like torchrun; see the README for the fault-tolerance options.",
+)
+@click.version_option(__version__, "--version", prog_name="flashrun")
+@_option("--nnodes", default=None, help="N or MIN:MAX nodes. [default: 1, or SLURM_NNODES under Slurm]")
+@_option("--nproc-per-node", default="1", show_default=True, help="Workers per node: int, cpu, gpu or auto.")
+@_option("--rdzv-backend", default="static", show_default=True,
+         help="Accepted for torchrun compatibility; flashrun's coordinator is always the backend.")
+@_option("--rdzv-endpoint", default="", help="HOST[:PORT] of the coordinator (port 29400 if omitted).")
+@_option("--rdzv-id", default="none", show_default=True, help="Run id, the same on every node.")
+@_option("--rdzv-conf", default="", help="KEY=VALUE,...: join_timeout, last_call_timeout (seconds).")
+@click.option("--standalone", is_flag=True, help="Single node, coordinator on loopback, random port and run id.")
+@_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
+         help="Full restarts of all workers after a failure before the job fails.")
+@_option("--monitor-interval", default=0.1, type=click.FloatRange(min=0, min_open=True), show_default=True,
+         help="Accepted for compatibility: flashrun learns of exits from the OS wait, without polling.")
+@_option("--start-method", default="spawn", type=click.Choice(["spawn"]), show_default=True,
+         help="Workers are always fresh processes, as with torchrun's spawn.")
+@_option("--role", default="default", show_default=True, help="Role name (ROLE_NAME).")
+@click.option("-m", "--module", is_flag=True, help="Run SCRIPT as a module, like python -m.")
+@click.option("--no-python", "--no_python", "no_python", is_flag=True, help="Run SCRIPT as an executable.")
+@_option("--log-dir", default=None, help="Keep per-rank output and error files per attempt, and events.jsonl.")
+@_option("-r", "--redirects", default="0", show_default=True,
+         help="Streams to files only: 0 none, 1 stdout, 2 stderr, 3 both, or LOCAL_RANK:N,...")
+@_option("-t", "--tee", default="0", show_default=True, help="Streams to files and console, as --redirects.")
+@_option("--local-ranks-filter", default="", help="Show only these local ranks' output on the console: 0,1,...")
+@_option("--node-rank", default=None, type=click.IntRange(min=0), help="This node's rank. [default: assigned]")
+@_option("--master-addr", default=None, help="MASTER_ADDR for workers. [default: the coordinator's host]")
+@_option("--master-port", default=None, type=click.IntRange(0, 65535),
+         help="MASTER_PORT of the first attempt. [default: a free port]")
+@_option("--local-addr", default=None, help="This node's address as others see it.")
+@_option("--shutdown-timeout", default=None, type=click.FloatRange(min=0, min_open=True),
+         help="Seconds between SIGTERM and SIGKILL when stopping workers. [default: 30]")
+@click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+@click.option("--run-path", "--run_path", "run_path", is_flag=True, hidden=True)
+@click.option("--event-log-handler", "--event_log_handler", "event_log_handler", default=None, hidden=True)
+@click.option("--logs-specs", "--logs_specs", "logs_specs", default=None, hidden=True)
+@click.option("--duplicate-stdout-filters", "--duplicate_stdout_filters", "duplicate_stdout_filters",
+              default=None, hidden=True)
+@click.option("--duplicate-stderr-filters", "--duplicate_stderr_filters", "duplicate_stderr_filters",
+              default=None, hidden=True)
+@click.option("--numa-binding", "--numa_binding", "numa_binding", default=None, hidden=True)
+@click.option("--virtual-local-rank", "--virtual_local_rank", "virtual_local_rank", is_flag=True, hidden=True)
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def run(**options: object) -> None:
+    """Launch SCRIPT [SCRIPT_ARGS...] on this node's workers, as torchrun does."""
+    worker_base_env = dict(os.environ)
+    # Workers are started with fork+exec while gRPC threads run; gRPC's fork handlers would crash the child.
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+    from flashrun.launcher import launch
+
+    try:
+        config = build_config(options, worker_base_env)
+        code = launch(config)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    sys.exit(code)
+
+
+def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> LaunchConfig:
+    for name, advice in UNSUPPORTED.items():
+        if options.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise FlashrunError(f"flashrun does not support torchrun's {flag}: {advice}")
+    slurm = _slurm(env)
+    standalone = bool(options["standalone"])
+
+    nnodes_text = str(options["nnodes"]) if options["nnodes"] is not None else None
+    if nnodes_text is None:
+        nnodes_text = str(slurm.nnodes) if slurm and not standalone else "1"
+    min_nodes, max_nodes = parse_nnodes(nnodes_text)
+    if standalone and max_nodes != 1:
+        raise FlashrunError(f"--standalone runs one node, but --nnodes is {nnodes_text}; drop one of them")
+    nproc = parse_nproc_per_node(str(options["nproc_per_node"]), cpu_count(), _gpu_count(options))
+
+    node_rank = options["node_rank"]
+    run_id = str(options["rdzv_id"])
+    endpoint_text = str(options["rdzv_endpoint"] or "")
+    if slurm and not standalone:
+        node_rank = slurm.node_rank if node_rank is None else node_rank
+        run_id = slurm.job_id if run_id == "none" else run_id
+        if not endpoint_text:
+            endpoint_text = f"{slurm.first_host}:{SLURM_PORT_BASE + int(slurm.job_id) % SLURM_PORT_SPAN}"
+    rdzv_endpoint: Endpoint | None = None
+    if standalone:
+        run_id = str(uuid.uuid4())
+    elif max_nodes > 1 or endpoint_text:
+        if not endpoint_text:
+            if options["master_addr"] is None:
+                raise FlashrunError(
+                    f"--nnodes {nnodes_text} needs --rdzv-endpoint HOST[:PORT] (or --master-addr), "
+                    "the same on every node, or run under srun"
+                )
+            endpoint_text = str(options["master_addr"])
+        rdzv_endpoint = parse_endpoint(endpoint_text, DEFAULT_RDZV_PORT)
+    if max_nodes == 1 and node_rank not in (None, 0):
+        raise FlashrunError(f"--node-rank {node_rank} with a single node: it must be 0")
+
+    entrypoint = _entrypoint(str(options["script"]), bool(options["module"]), bool(options["no_python"]))
+    rdzv_conf = parse_rdzv_conf(str(options["rdzv_conf"]))
+    shutdown_timeout = options["shutdown_timeout"]
+    return LaunchConfig(
+        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, standalone=standalone,
+        rdzv_endpoint=rdzv_endpoint, run_id=run_id,
+        token=resolve_token(options["token_file"], env, standalone or rdzv_endpoint is None),  # type: ignore[arg-type]
+        node_rank=node_rank,  # type: ignore[arg-type]
+        master_addr=options["master_addr"],  # type: ignore[arg-type]
+        master_port=options["master_port"],  # type: ignore[arg-type]
+        max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
+        role=str(options["role"]), entrypoint=entrypoint,
+        script_args=tuple(options["script_args"]),  # type: ignore[arg-type]
+        log_dir=os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None,
+        redirects=parse_std_spec(str(options["redirects"]), "--redirects", nproc),
+        tee=parse_std_spec(str(options["tee"]), "--tee", nproc),
+        local_ranks_filter=parse_local_ranks_filter(str(options["local_ranks_filter"]), nproc),
+        local_addr=options["local_addr"],  # type: ignore[arg-type]
+        timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
+        base_env=dict(env),
+    )
+
+
+def _slurm(env: Mapping[str, str]) -> SlurmAllocation | None:
+    try:
+        return SlurmAllocation.from_env(env)
+    except ValueError as err:
+        raise FlashrunError(f"cannot read the Slurm allocation: {err}") from None
+
+
+def _gpu_count(options: Mapping[str, object]) -> int:
+    if str(options["nproc_per_node"]) not in ("gpu", "auto"):
+        return 0
+    import torch  # only these two values need to look at the devices
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
+    if module and no_python:
+        raise FlashrunError("--module and --no-python exclude each other: give one")
+    if no_python:
+        if shutil.which(script) is None:
+            raise FlashrunError(f"--no-python: {script!r} is not an executable on PATH or a path; check the name")
+        return (script,)
+    if module:
+        return (sys.executable, "-u", "-m", script)
+    if not os.path.isfile(script):
+        raise FlashrunError(f"script {script!r} does not exist; give the path of a Python file")
+    return (sys.executable, "-u", script)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: `flashrun [OPTIONS] SCRIPT ...`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    run.main(args=args, prog_name="flashrun", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()

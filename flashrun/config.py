@@ -1,0 +1,223 @@
+"""Every setting of a flashrun job, frozen and validated in one place.
+
+The CLI only parses options into these objects; nothing else reads the environment for settings. Durations are
+seconds and carry an `_s` suffix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+from collections.abc import Mapping
+
+from flashrun.errors import FlashrunError
+
+PROTOCOL_VERSION = 1
+DEFAULT_RDZV_PORT = 29400  # torchrun's default for --rdzv-endpoint
+SLURM_PORT_BASE = 20000  # under Slurm the port is derived from the job id so jobs sharing a node don't collide
+SLURM_PORT_SPAN = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """How long flashrun waits for things. Order is checked: see `__post_init__`."""
+
+    join_s: float = 600.0
+    """An agent's wait for the coordinator and for the rendezvous to complete (torchrun's join_timeout)."""
+    last_call_s: float = 30.0
+    """With --nnodes MIN:MAX, how long after MIN nodes joined the rendezvous waits for more (torchrun's)."""
+    stop_grace_s: float = 30.0
+    """SIGTERM to SIGKILL escalation when workers are stopped (torchrun's --shutdown-timeout default)."""
+    kill_wait_s: float = 5.0
+    """After SIGKILL, how long to wait for the kernel to reap a worker before reporting it as a survivor."""
+    stop_ack_s: float = 60.0
+    """The coordinator's wait for agents to confirm that a generation's workers stopped."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value > 0:
+                raise FlashrunError(f"timeout {field.name} must be > 0 seconds, got {value!r}")
+        if self.stop_ack_s <= self.stop_grace_s + self.kill_wait_s:
+            raise FlashrunError(
+                f"stop_ack_s ({self.stop_ack_s}) must exceed stop_grace_s + kill_wait_s "
+                f"({self.stop_grace_s + self.kill_wait_s}): agents need that long to stop workers"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StdSpec:
+    """Which of a worker's streams go to files only (redirect) or to files and console (tee)."""
+
+    stdout: bool = False
+    stderr: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    standalone: bool
+    rdzv_endpoint: Endpoint
+    run_id: str
+    token: str
+    node_rank: int | None
+    master_addr: str | None
+    master_port: int | None
+    max_restarts: int
+    role: str
+    entrypoint: tuple[str, ...]
+    """The worker command line before the script's arguments, e.g. (python, -u, train.py)."""
+    script_args: tuple[str, ...]
+    log_dir: str | None
+    redirects: Mapping[int, StdSpec]
+    tee: Mapping[int, StdSpec]
+    local_ranks_filter: frozenset[int] | None
+    local_addr: str | None
+    timeouts: Timeouts = Timeouts()
+    base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The launcher's environment as the user gave it: what workers inherit."""
+
+    @property
+    def hosts_coordinator(self) -> bool:
+        return self.standalone or self.max_nodes == 1 or self.node_rank == 0
+
+
+def parse_nnodes(value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value)
+    if not match:
+        raise FlashrunError(f"--nnodes must be N or MIN:MAX with positive integers, got {value!r}")
+    low = int(match.group(1))
+    high = int(match.group(2)) if match.group(2) is not None else low
+    if low < 1 or high < low:
+        raise FlashrunError(f"--nnodes must satisfy 1 <= MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def parse_nproc_per_node(value: str, cpu_count: int, gpu_count: int) -> int:
+    """torchrun's int|cpu|gpu|auto, with the device counts passed in so this stays pure."""
+    value = value.strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value == "cpu":
+        return cpu_count
+    if value == "gpu":
+        if gpu_count == 0:
+            raise FlashrunError("--nproc-per-node gpu: no CUDA device is visible; use a number or 'cpu'")
+        return gpu_count
+    if value == "auto":
+        return gpu_count or cpu_count
+    raise FlashrunError(f"--nproc-per-node must be a positive integer, cpu, gpu or auto, got {value!r}")
+
+
+def parse_endpoint(value: str, default_port: int) -> Endpoint:
+    value = value.strip()
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value)
+    if not value or not match:
+        raise FlashrunError(f"--rdzv-endpoint must be HOST or HOST:PORT, got {value!r}")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    port = int(port_text) if port_text else default_port
+    if not 0 <= port <= 65535:
+        raise FlashrunError(f"--rdzv-endpoint port must be 0..65535, got {port}")
+    return Endpoint(host, port)
+
+
+def parse_rdzv_conf(value: str) -> dict[str, str]:
+    conf: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise FlashrunError(f"--rdzv-conf must be KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        conf[key.strip()] = val.strip()
+    return conf
+
+
+def timeouts_from_rdzv_conf(conf: Mapping[str, str], shutdown_timeout_s: float | None) -> Timeouts:
+    known = {"join_timeout": "join_s", "last_call_timeout": "last_call_s"}
+    unknown = sorted(set(conf) - set(known) - {"timeout", "read_timeout", "is_host"})
+    if unknown:
+        raise FlashrunError(
+            f"--rdzv-conf: unknown key(s) {', '.join(unknown)}; flashrun understands "
+            f"{', '.join(sorted(known))}"
+        )
+    values: dict[str, float] = {}
+    for key, field in known.items():
+        if key in conf:
+            try:
+                values[field] = float(conf[key])
+            except ValueError:
+                raise FlashrunError(f"--rdzv-conf {key} must be a number of seconds, got {conf[key]!r}") from None
+    if shutdown_timeout_s is not None:
+        values["stop_grace_s"] = shutdown_timeout_s
+        values["stop_ack_s"] = max(Timeouts.stop_ack_s, shutdown_timeout_s + Timeouts.kill_wait_s + 30.0)
+    return Timeouts(**values)
+
+
+def parse_std_spec(value: str, option: str, nproc: int) -> dict[int, StdSpec]:
+    """torchrun's 0|1|2|3 for all local ranks, or `LOCAL_RANK:N,...` per rank (1 stdout, 2 stderr, 3 both)."""
+
+    def one(code: str) -> StdSpec:
+        if code not in {"0", "1", "2", "3"}:
+            raise FlashrunError(f"{option} values are 0 (none), 1 (stdout), 2 (stderr) or 3 (both), got {code!r}")
+        bits = int(code)
+        return StdSpec(stdout=bool(bits & 1), stderr=bool(bits & 2))
+
+    value = value.strip()
+    if ":" not in value:
+        spec = one(value or "0")
+        return {rank: spec for rank in range(nproc)}
+    specs = {rank: StdSpec() for rank in range(nproc)}
+    for item in value.split(","):
+        rank_text, _, code = item.partition(":")
+        if not rank_text.strip().isdigit():
+            raise FlashrunError(f"{option} per-rank form is LOCAL_RANK:N,..., got {item!r}")
+        specs[int(rank_text)] = one(code.strip())
+    return specs
+
+
+def parse_local_ranks_filter(value: str, nproc: int) -> frozenset[int] | None:
+    if not value.strip():
+        return None
+    try:
+        ranks = frozenset(int(part) for part in value.split(","))
+    except ValueError:
+        raise FlashrunError(f"--local-ranks-filter must be comma-separated integers, got {value!r}") from None
+    bad = sorted(rank for rank in ranks if not 0 <= rank < nproc)
+    if bad:
+        raise FlashrunError(f"--local-ranks-filter: local rank(s) {bad} outside 0..{nproc - 1}")
+    return ranks
+
+
+def resolve_token(token_file: str | None, env: Mapping[str, str], standalone: bool) -> str:
+    """The shared secret agents present. Generated for a standalone job, whose agent lives in-process."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as err:
+            raise FlashrunError(f"--token-file {token_file}: {err.strerror}; give a readable file") from None
+        if not token:
+            raise FlashrunError(f"--token-file {token_file} is empty; put the job's token in it")
+        return token
+    if env.get("FLASHRUN_TOKEN"):
+        return env["FLASHRUN_TOKEN"]
+    if standalone:
+        return secrets.token_hex(16)
+    return ""
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,218 @@
+"""The coordinator's gRPC shell: feeds agent messages and clock ticks to the pure `Job`, carries out its commands.
+
+It also hosts the TCPStore the workers rendezvous on (MASTER_ADDR:MASTER_PORT). Workers under torchrun's agent
+store do not prefix their keys by attempt, so every generation gets a fresh store.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.config import Endpoint
+from flashrun.coordinator import job as jobs
+from flashrun.errors import FlashrunError
+
+TICK_INTERVAL_S = 0.05
+"""How often deadlines (rendezvous last call, stop acknowledgements) are checked."""
+MAX_AGENT_STREAMS = 256
+"""gRPC threads: each agent stream holds one for the job's life."""
+
+EventSink = Callable[[jobs.Event], None]
+
+
+def _store_factory(host: str, port: int) -> Any:
+    import torch.distributed as dist  # deferred: only a coordinator pays for importing torch
+
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
+
+
+class CoordinatorServer(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self, spec: jobs.JobSpec, bind: Endpoint, store_host: str, first_store_port: int | None,
+        on_event: EventSink,
+    ) -> None:
+        self._job = jobs.Job(spec)
+        self._bind = bind
+        self._store_host = store_host
+        self._first_store_port = first_store_port
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._outboxes: dict[str, queue.SimpleQueue[pb.CoordinatorMessage | None]] = {}
+        self._stores: collections.deque[Any] = collections.deque(maxlen=2)
+        self._stopping = threading.Event()
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    # Lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_AGENT_STREAMS, thread_name_prefix="flashrun-coord"),
+            options=[("grpc.so_reuseport", 0)],  # two coordinators on one port must fail, not share it
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(self, server)
+        try:
+            port = server.add_insecure_port(str(self._bind))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise FlashrunError(
+                f"cannot listen on {self._bind}: the port is in use or the address is not on this machine; "
+                "choose another --rdzv-endpoint port"
+            )
+        server.start()
+        self._server = server
+        self.port = port
+        threading.Thread(target=self._tick_loop, name="flashrun-coord-tick", daemon=True).start()
+        return port
+
+    @property
+    def finished(self) -> bool:
+        with self._lock:
+            return self._job.finished
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            self._apply(self._job.abort(reason))
+
+    def stop(self, grace_s: float) -> None:
+        """Wait up to `grace_s` for agents to read their Shutdown and hang up, then close everything."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._outboxes:
+                    break
+            time.sleep(TICK_INTERVAL_S)
+        self._stopping.set()
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+        self._stores.clear()
+
+    # gRPC ---------------------------------------------------------------------------------------------------
+
+    def Connect(self, request_iterator: Iterator[pb.AgentMessage], context: grpc.ServicerContext) -> Iterator[
+            pb.CoordinatorMessage]:
+        try:
+            first = next(request_iterator)
+        except (StopIteration, grpc.RpcError):
+            return
+        if first.WhichOneof("body") != "join":
+            yield pb.CoordinatorMessage(rejected=pb.Rejected(reason="the first message must be a Join"))
+            return
+        join = first.join
+        agent_id = join.agent_id
+        outbox: queue.SimpleQueue[pb.CoordinatorMessage | None] = queue.SimpleQueue()
+        request = jobs.JoinRequest(
+            agent_id=agent_id, hostname=join.hostname, run_id=join.run_id, token=join.token,
+            protocol_version=join.protocol_version,
+            requested_node_rank=join.node_rank if join.node_rank >= 0 else None,
+            local_world_size=join.local_world_size,
+        )
+        with self._lock:
+            if agent_id not in self._outboxes:
+                self._outboxes[agent_id] = outbox
+            self._apply(self._job.join(request, time.monotonic()))
+            admitted = self._outboxes.get(agent_id) is outbox
+        if not admitted:
+            # Rejected: _apply has put the Rejected message and the end marker in our outbox.
+            yield from _drain(outbox)
+            return
+        reader = threading.Thread(
+            target=self._read_agent, args=(agent_id, request_iterator), name="flashrun-coord-read", daemon=True
+        )
+        reader.start()
+        yield from _drain(outbox)
+
+    def _read_agent(self, agent_id: str, request_iterator: Iterator[pb.AgentMessage]) -> None:
+        try:
+            for message in request_iterator:
+                with self._lock:
+                    self._apply(self._handle(agent_id, message))
+        except grpc.RpcError:
+            pass
+        with self._lock:
+            self._apply(self._job.disconnect(agent_id, time.monotonic()))
+            outbox = self._outboxes.pop(agent_id, None)
+        if outbox is not None:
+            outbox.put(None)
+
+    def _handle(self, agent_id: str, message: pb.AgentMessage) -> jobs.Output:
+        now = time.monotonic()
+        kind = message.WhichOneof("body")
+        if kind == "worker_exited":
+            exited = message.worker_exited
+            return self._job.worker_exited(agent_id, jobs.WorkerExit(
+                exited.generation, exited.local_rank, exited.exit_code, exited.error_message, exited.traceback,
+                exited.timestamp,
+            ), now)
+        if kind == "workers_stopped":
+            return self._job.workers_stopped(agent_id, message.workers_stopped.generation, now)
+        return jobs.Output()
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(TICK_INTERVAL_S):
+            with self._lock:
+                self._apply(self._job.tick(time.monotonic()))
+
+    # Commands -----------------------------------------------------------------------------------------------
+
+    def _apply(self, output: jobs.Output) -> None:
+        """Carry out the job's commands; called with the lock held so their order is the job's order."""
+        for event in output.events:
+            self._on_event(event)
+        for command in output.commands:
+            if isinstance(command, jobs.StartGeneration):
+                self._start_generation(command)
+            elif isinstance(command, jobs.Reject):
+                self._send(command.agent_id, pb.CoordinatorMessage(rejected=pb.Rejected(reason=command.reason)))
+                self._close(command.agent_id)
+            elif isinstance(command, jobs.Wait):
+                self._send(command.agent_id, pb.CoordinatorMessage(
+                    waiting=pb.Waiting(joined=command.joined, needed=command.needed)))
+            elif isinstance(command, jobs.MakeSpare):
+                self._send(command.agent_id, pb.CoordinatorMessage(spare=pb.Spare(reason=command.reason)))
+            elif isinstance(command, jobs.Stop):
+                self._send(command.agent_id, pb.CoordinatorMessage(stop=pb.StopWorkers(generation=command.generation)))
+            elif isinstance(command, jobs.Shutdown):
+                self._send(command.agent_id, pb.CoordinatorMessage(
+                    shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
+
+    def _start_generation(self, command: jobs.StartGeneration) -> None:
+        port = self._first_store_port if (command.generation == 0 and self._first_store_port) else 0
+        try:
+            store = _store_factory(self._store_host, port)
+        except Exception as err:  # noqa: BLE001 - any failure to host the store ends the job with its reason
+            self._apply(self._job.abort(f"cannot host the workers' TCPStore on port {port}: {err}"))
+            return
+        self._stores.append(store)  # the previous generation's store stays until this one is in use
+        for agent_id, assignment in command.assignments.items():
+            self._send(agent_id, pb.CoordinatorMessage(start=pb.StartWorkers(
+                generation=command.generation, node_rank=assignment.node_rank, nnodes=command.nnodes,
+                world_size=command.world_size, rank_offset=assignment.rank_offset, master_addr="",
+                master_port=store.port, max_restarts=self._job.spec.max_restarts,
+            )))
+
+    def _send(self, agent_id: str, message: pb.CoordinatorMessage) -> None:
+        outbox = self._outboxes.get(agent_id)
+        if outbox is not None:
+            outbox.put(message)
+
+    def _close(self, agent_id: str) -> None:
+        outbox = self._outboxes.pop(agent_id, None)
+        if outbox is not None:
+            outbox.put(None)
+
+
+def _drain(outbox: queue.SimpleQueue[pb.CoordinatorMessage | None]) -> Iterator[pb.CoordinatorMessage]:
+    while (message := outbox.get()) is not None:
+        yield message

@@ -1,0 +1,128 @@
+"""One `flashrun` process: hosts the coordinator when this node should, runs this node's agent, cleans up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from typing import TextIO
+
+from flashrun.agent.agent import FORWARDED_SIGNALS, Agent, say
+from flashrun.config import Endpoint, LaunchConfig
+from flashrun.coordinator.job import Event, JobSpec
+from flashrun.coordinator.server import CoordinatorServer
+from flashrun.errors import FlashrunError
+
+COORDINATOR_LINGER_S = 10.0
+"""After the job ends, how long the hosting launcher waits for other agents to read their Shutdown."""
+CONSOLE_EVENTS = {"worker_failed", "node_lost", "restarting", "job_failed", "agent_rejected"}
+
+
+class EventLog:
+    """Appends the coordinator's events to <log-dir>/events.jsonl and echoes the important ones."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self._lock = threading.Lock()
+        self._file: TextIO | None = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self._file = open(os.path.join(log_dir, "events.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, event: Event) -> None:
+        import time
+
+        record = {"ts": time.time(), "event": event.name, "generation": event.generation, **event.fields}
+        with self._lock:
+            if self._file is not None:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+        if event.name in CONSOLE_EVENTS:
+            details = " ".join(f"{key}={value}" for key, value in event.fields.items())
+            say(f"[gen {event.generation}] {event.name} {details}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _is_local_address(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, address in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _coordinator_plan(config: LaunchConfig) -> tuple[Endpoint | None, Endpoint]:
+    """(where to host the coordinator or None, where this node's agent reaches it)."""
+    if config.rdzv_endpoint is None:  # standalone or single node: embedded, loopback only
+        return Endpoint("127.0.0.1", 0), Endpoint("localhost", 0)
+    endpoint = config.rdzv_endpoint
+    if config.node_rank == 0 or (config.node_rank is None and _is_local_address(endpoint.host)):
+        return Endpoint("0.0.0.0", endpoint.port), endpoint
+    return None, endpoint
+
+
+def launch(config: LaunchConfig) -> int:
+    run_dir = config.log_dir or tempfile.mkdtemp(prefix="flashrun-")
+    events = EventLog(config.log_dir)
+    coordinator: CoordinatorServer | None = None
+    try:
+        bind, endpoint = _coordinator_plan(config)
+        agent = Agent(config, config.token, run_dir)
+        previous = {signum: signal.signal(signum, agent.on_signal) for signum in FORWARDED_SIGNALS}
+        try:
+            if bind is not None:
+                coordinator = _host_coordinator(config, bind, endpoint, events)
+                if coordinator is not None and endpoint.port == 0:
+                    endpoint = Endpoint(endpoint.host, coordinator.port)
+            code = agent.run(endpoint)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if coordinator is not None and not coordinator.finished:
+            coordinator.abort(f"the launcher hosting the coordinator stopped (exit code {code})")
+        return code
+    except FlashrunError as err:
+        if coordinator is not None:
+            coordinator.abort(f"the launcher hosting the coordinator failed: {err}")
+        raise
+    finally:
+        if coordinator is not None:
+            coordinator.stop(COORDINATOR_LINGER_S)
+        events.close()
+        if not config.log_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _host_coordinator(
+    config: LaunchConfig, bind: Endpoint, endpoint: Endpoint, events: EventLog
+) -> CoordinatorServer | None:
+    spec = JobSpec(
+        run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
+        max_restarts=config.max_restarts, last_call_s=config.timeouts.last_call_s,
+        stop_ack_s=config.timeouts.stop_ack_s,
+    )
+    store_host = config.master_addr or endpoint.host
+    server = CoordinatorServer(spec, bind, store_host, config.master_port, events)
+    try:
+        server.start()
+    except FlashrunError:
+        if config.node_rank is None and config.rdzv_endpoint is not None:
+            return None  # another launcher on this host got there first: join it as a client
+        raise
+    say(f"run {config.run_id}: coordinator listening on {bind.host}:{server.port}")
+    return server
