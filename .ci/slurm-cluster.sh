@@ -63,13 +63,15 @@ die() {
     exit 1
 }
 
-# pid_alive PIDFILE COMM: the process named in PIDFILE exists and is COMM.
+# pid_alive PIDFILE COMM: the process named in PIDFILE is a live (not
+# zombie) process called COMM. A pid file left by a killed daemon, or one
+# whose pid was reused by something else, does not count.
 pid_alive() {
-    local pid
-    [[ -r $1 ]] || return 1
+    local pid stat
     pid="$(cat "$1" 2>/dev/null)" || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]]
+    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+    [[ $stat == "$pid ($2) "* ]] && [[ ${stat#*) } != Z* ]]
 }
 
 # wait_for DESCRIPTION COMMAND...: poll COMMAND every 0.5 s until it
@@ -93,7 +95,7 @@ if [[ $pid1 == systemd ]]; then
     # -N that matches no node, against the same slurm.conf; keep them off.
     systemctl disable --now slurmctld.service slurmd.service >/dev/null 2>&1 || true
 else
-    log "PID 1 is '$pid1', not systemd: starting the daemons directly"
+    log "PID 1 is '$pid1', not systemd; this script manages the daemons itself"
 fi
 
 # --- 1. packages ----------------------------------------------------------------
@@ -124,11 +126,11 @@ fi
 # two SLURM_NODEIDs. The build option is compiled into libslurm and shows as
 # this key in `scontrol show config`, but that needs a running controller, so
 # check the library for the key's string instead.
-libslurm="$(ls /usr/lib/*/slurm-wlm/libslurmfull.so /usr/lib/*/slurm/libslurmfull.so \
-    /usr/lib/slurm/libslurmfull.so 2>/dev/null | head -n 1 || true)"
-if [[ -n $libslurm ]] && ! grep -q MULTIPLE_SLURMD "$libslurm"; then
-    die "this Slurm build ($libslurm) lacks --enable-multiple-slurmd, so n1 and n2 cannot both run here"
-fi
+for libslurm in /usr/lib/*/slurm-wlm/libslurmfull.so /usr/lib/*/slurm/libslurmfull.so; do
+    if [[ -f $libslurm ]] && ! grep -q MULTIPLE_SLURMD "$libslurm"; then
+        die "this Slurm build ($libslurm) lacks --enable-multiple-slurmd, so n1 and n2 cannot both run here"
+    fi
+done
 
 # --- 2. munge -------------------------------------------------------------------
 if [[ ! -s $MUNGE_KEY ]]; then
@@ -221,6 +223,9 @@ ReturnToService=2
 # Short grace between SIGTERM and SIGKILL on scancel/timeouts, so a hung
 # test job is gone quickly.
 KillWait=5
+# A job whose srun was killed (e.g. by a test's timeout) is ended after 60 s
+# instead of holding its CPUs for ever (the default, 0, never ends it).
+InactiveLimit=60
 # Same address, distinct ports: that is how two slurmds share 127.0.0.1.
 # NodeHostname is the node's own name (resolvable through /etc/hosts); with
 # -N it is not used to pick the node. CPUs=2 on each lets a 2-core machine
@@ -234,7 +239,9 @@ EOF
 install -d -m 0755 /etc/slurm "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR"
 for node in "${NODES[@]}"; do install -d -m 0755 "$SPOOL_DIR/$node"; done
 
-controller_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+# (Output captured before matching: with pipefail, `cmd | grep -q` fails
+# whenever grep exits early and cmd dies of SIGPIPE.)
+controller_up() { [[ "$(scontrol ping 2>/dev/null)" == *"is UP"* ]]; }
 
 if ! cmp -s <(desired_conf) "$CONF"; then
     if [[ -f $CONF ]] && { controller_up || pid_alive /run/slurmd-n1.pid slurmd || pid_alive /run/slurmd-n2.pid slurmd; }; then
@@ -256,14 +263,18 @@ fi
 # --- 5. daemons -----------------------------------------------------------------
 if ! controller_up; then
     log "starting slurmctld"
+    # -c: start from a clean slate instead of the state saved by the last
+    # controller. Jobs saved as running then (CI ends a session's processes
+    # with SIGKILL) can no longer be running, but would be restored as
+    # running and hold their CPUs.
     # It daemonizes itself; stdio goes nowhere so callers that capture this
     # script's output are not kept waiting by the daemon holding the pipe.
-    slurmctld </dev/null >/dev/null 2>&1 || die "slurmctld failed to start"
+    slurmctld -c </dev/null >/dev/null 2>&1 || die "slurmctld failed to start"
     wait_for "slurmctld to answer 'scontrol ping'" controller_up
     started=1
 fi
 
-if ! scontrol show config 2>/dev/null | grep -q 'MULTIPLE_SLURMD *= *Yes'; then
+if ! grep -q 'MULTIPLE_SLURMD *= *Yes' <<<"$(scontrol show config 2>/dev/null)"; then
     die "slurmctld reports no MULTIPLE_SLURMD support; two slurmds cannot share this host"
 fi
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 
 import click
@@ -31,7 +32,7 @@ from flashrun.config import (
     resolve_token,
     timeouts_from_rdzv_conf,
 )
-from flashrun.errors import EXIT_USAGE, FlashrunError
+from flashrun.errors import FlashrunError
 from flashrun.slurm import SlurmAllocation
 
 # torchrun options flashrun deliberately does not implement, with what to do instead.
@@ -105,8 +106,7 @@ def _option(*names: str, **kwargs: object):  # noqa: ANN202 - a thin wrapper ove
 def run(**options: object) -> None:
     """Launch SCRIPT [SCRIPT_ARGS...] on this node's workers, as torchrun does."""
     worker_base_env = dict(os.environ)
-    # Workers are started with fork+exec while gRPC threads run; gRPC's fork handlers would crash the child.
-    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+    _prepare_launcher_process()
     from flashrun.launcher import launch
 
     try:
@@ -116,6 +116,16 @@ def run(**options: object) -> None:
         click.echo(f"flashrun: error: {err}", err=True)
         sys.exit(err.exit_code)
     sys.exit(code)
+
+
+def _prepare_launcher_process() -> None:
+    """Settings for flashrun's own process, made before gRPC or torch load; workers get the user's environment."""
+    # Workers are started with fork+exec while gRPC threads run; gRPC's fork handlers would crash the child.
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+    # gRPC's C core logs expected conditions (a taken port we then join as a client) as errors.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # The coordinator's TCPStore imports torch, which warns when numpy is absent; it needs no numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 
 def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> LaunchConfig:
@@ -209,9 +219,52 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
     return (sys.executable, "-u", script)
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bind", "bind", required=True, help="HOST:PORT to listen on; agents use it as --rdzv-endpoint.")
+@_option("--nnodes", default="1", show_default=True, help="N or MIN:MAX nodes the job needs.")
+@_option("--rdzv-id", default="none", show_default=True, help="Run id; agents must give the same.")
+@_option("--rdzv-conf", default="", help="KEY=VALUE,...: last_call_timeout (seconds).")
+@_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
+         help="Full restarts of all workers after a failure before the job fails.")
+@_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
+@_option("--log-dir", default=None, help="Where events.jsonl is written.")
+@click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+def coordinator(**options: object) -> None:
+    """Run only the coordinator of a multi-node job, e.g. off the training nodes."""
+    _prepare_launcher_process()
+    from flashrun.coordinator.job import JobSpec
+    from flashrun.launcher import serve_coordinator
+
+    try:
+        min_nodes, max_nodes = parse_nnodes(str(options["nnodes"]))
+        bind = parse_endpoint(str(options["bind"]), DEFAULT_RDZV_PORT)
+        timeouts = timeouts_from_rdzv_conf(parse_rdzv_conf(str(options["rdzv_conf"])), None)
+        spec = JobSpec(
+            run_id=str(options["rdzv_id"]), token=resolve_token(options["token_file"], os.environ, False),  # type: ignore[arg-type]
+            min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
+            last_call_s=timeouts.last_call_s, stop_ack_s=timeouts.stop_ack_s,
+        )
+        log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
+        store_host = str(options["master_addr"] or bind.host)
+        code = serve_coordinator(spec, bind, store_host, log_dir)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    sys.exit(code)
+
+
+SUBCOMMANDS = {"coordinator": coordinator}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: `flashrun [OPTIONS] SCRIPT ...`."""
+    """Console entry point: `flashrun [OPTIONS] SCRIPT ...` or `flashrun coordinator ...`.
+
+    Not a click group: the launcher's first positional argument is the user's script, so a subcommand is
+    recognised only as the very first argument (run a script named like one as ./coordinator).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        SUBCOMMANDS[args[0]].main(args=args[1:], prog_name=f"flashrun {args[0]}", standalone_mode=True)
     run.main(args=args, prog_name="flashrun", standalone_mode=True)
 
 

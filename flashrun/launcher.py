@@ -15,10 +15,12 @@ from flashrun.agent.agent import FORWARDED_SIGNALS, Agent, say
 from flashrun.config import Endpoint, LaunchConfig
 from flashrun.coordinator.job import Event, JobSpec
 from flashrun.coordinator.server import CoordinatorServer
-from flashrun.errors import FlashrunError
+from flashrun.errors import EXIT_SIGNAL_BASE, FlashrunError
 
 COORDINATOR_LINGER_S = 10.0
 """After the job ends, how long the hosting launcher waits for other agents to read their Shutdown."""
+GRPC_PROBE_S = 2.0
+"""When our coordinator's port is taken, how long to wait for an existing coordinator there to answer."""
 CONSOLE_EVENTS = {"worker_failed", "node_lost", "restarting", "job_failed", "agent_rejected"}
 
 
@@ -66,6 +68,17 @@ def _is_local_address(host: str) -> bool:
     return False
 
 
+def _answers_grpc(endpoint: Endpoint) -> bool:
+    import grpc
+
+    with grpc.insecure_channel(str(endpoint)) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=GRPC_PROBE_S)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+
 def _coordinator_plan(config: LaunchConfig) -> tuple[Endpoint | None, Endpoint]:
     """(where to host the coordinator or None, where this node's agent reaches it)."""
     if config.rdzv_endpoint is None:  # standalone or single node: embedded, loopback only
@@ -74,6 +87,35 @@ def _coordinator_plan(config: LaunchConfig) -> tuple[Endpoint | None, Endpoint]:
     if config.node_rank == 0 or (config.node_rank is None and _is_local_address(endpoint.host)):
         return Endpoint("0.0.0.0", endpoint.port), endpoint
     return None, endpoint
+
+
+def serve_coordinator(spec: JobSpec, bind: Endpoint, store_host: str, log_dir: str | None) -> int:
+    """`flashrun coordinator`: host the job's coordinator off the training nodes until the job ends."""
+    events = EventLog(log_dir)
+    stop_signal: list[int] = []
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_signal.append(signum)  # recorded here; acted on by the loop below
+        done.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED_SIGNALS}
+    server = CoordinatorServer(spec, bind, store_host, None, events, on_finished=done.set)
+    try:
+        server.start()
+        say(f"run {spec.run_id}: coordinator listening on {bind.host}:{server.port}, waiting for "
+            f"{spec.min_nodes if spec.min_nodes == spec.max_nodes else f'{spec.min_nodes}-{spec.max_nodes}'} node(s)")
+        done.wait()
+        if stop_signal:
+            server.abort(f"the coordinator received {signal.Signals(stop_signal[0]).name}")
+        server.stop(COORDINATOR_LINGER_S)
+        if stop_signal:
+            return EXIT_SIGNAL_BASE + stop_signal[0]
+        return server.exit_code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        events.close()
 
 
 def launch(config: LaunchConfig) -> int:
@@ -121,8 +163,10 @@ def _host_coordinator(
     try:
         server.start()
     except FlashrunError:
-        if config.node_rank is None and config.rdzv_endpoint is not None:
-            return None  # another launcher on this host got there first: join it as a client
+        # The port is taken. If a coordinator answers there (another launcher on this host, or
+        # `flashrun coordinator`), join it as a client; otherwise the port belongs to something else.
+        if config.rdzv_endpoint is not None and _answers_grpc(endpoint):
+            return None
         raise
     say(f"run {config.run_id}: coordinator listening on {bind.host}:{server.port}")
     return server

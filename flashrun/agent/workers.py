@@ -7,6 +7,7 @@ worker blocks in the OS wait and reports the exit the moment it happens.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -123,14 +124,9 @@ class WorkerGroup:
         for worker in self._workers:
             if only_running and worker.exited.is_set():
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.process.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def _wait_all(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        for worker in self._workers:
-            if not worker.exited.wait(max(0.0, deadline - time.monotonic())):
-                return False
-        return True
+        return all(worker.exited.wait(max(0.0, deadline - time.monotonic())) for worker in self._workers)

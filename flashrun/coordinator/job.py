@@ -314,7 +314,8 @@ class Job:
         requested = request.requested_node_rank
         if requested is not None and self.phase is Phase.RENDEZVOUS:
             if requested >= self.spec.max_nodes:
-                return f"--node-rank {requested} is outside 0..{self.spec.max_nodes - 1} for --nnodes {self.spec.max_nodes}"
+                last = self.spec.max_nodes - 1
+                return f"--node-rank {requested} is outside 0..{last} for --nnodes {self.spec.max_nodes}"
             for other in self.members.values():
                 if other.requested_node_rank == requested:
                     return (f"node rank {requested} is already taken by {other.hostname} "

@@ -39,13 +39,14 @@ def _store_factory(host: str, port: int) -> Any:
 class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def __init__(
         self, spec: jobs.JobSpec, bind: Endpoint, store_host: str, first_store_port: int | None,
-        on_event: EventSink,
+        on_event: EventSink, on_finished: Callable[[], None] | None = None,
     ) -> None:
         self._job = jobs.Job(spec)
         self._bind = bind
         self._store_host = store_host
         self._first_store_port = first_store_port
         self._on_event = on_event
+        self._on_finished = on_finished
         self._lock = threading.Lock()
         self._outboxes: dict[str, queue.SimpleQueue[pb.CoordinatorMessage | None]] = {}
         self._stores: collections.deque[Any] = collections.deque(maxlen=2)
@@ -81,6 +82,11 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         with self._lock:
             return self._job.finished
 
+    @property
+    def exit_code(self) -> int:
+        with self._lock:
+            return self._job.exit_code if self._job.exit_code is not None else 1
+
     def abort(self, reason: str) -> None:
         with self._lock:
             self._apply(self._job.abort(reason))
@@ -94,6 +100,10 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                     break
             time.sleep(TICK_INTERVAL_S)
         self._stopping.set()
+        with self._lock:
+            for outbox in self._outboxes.values():
+                outbox.put(None)
+            self._outboxes.clear()
         if self._server is not None:
             self._server.stop(grace=None).wait()
         self._stores.clear()
@@ -170,6 +180,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         """Carry out the job's commands; called with the lock held so their order is the job's order."""
         for event in output.events:
             self._on_event(event)
+            if event.name in ("job_succeeded", "job_failed") and self._on_finished is not None:
+                self._on_finished()
         for command in output.commands:
             if isinstance(command, jobs.StartGeneration):
                 self._start_generation(command)
