@@ -18,8 +18,6 @@ import click
 from flashrun import __version__
 from flashrun.config import (
     DEFAULT_RDZV_PORT,
-    SLURM_PORT_BASE,
-    SLURM_PORT_SPAN,
     Endpoint,
     LaunchConfig,
     cpu_count,
@@ -30,6 +28,7 @@ from flashrun.config import (
     parse_rdzv_conf,
     parse_std_spec,
     resolve_token,
+    slurm_rdzv_port,
     timeouts_from_rdzv_conf,
 )
 from flashrun.errors import FlashrunError
@@ -151,7 +150,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         node_rank = slurm.node_rank if node_rank is None else node_rank
         run_id = slurm.job_id if run_id == "none" else run_id
         if not endpoint_text:
-            endpoint_text = f"{slurm.first_host}:{SLURM_PORT_BASE + int(slurm.job_id) % SLURM_PORT_SPAN}"
+            endpoint_text = f"{slurm.first_host}:{slurm_rdzv_port(slurm.job_id)}"
     rdzv_endpoint: Endpoint | None = None
     if standalone:
         run_id = str(uuid.uuid4())
@@ -165,7 +164,8 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
             endpoint_text = str(options["master_addr"])
         rdzv_endpoint = parse_endpoint(endpoint_text, DEFAULT_RDZV_PORT)
     if max_nodes == 1 and node_rank not in (None, 0):
-        raise FlashrunError(f"--node-rank {node_rank} with a single node: it must be 0")
+        source = "SLURM_NODEID" if slurm and options["node_rank"] is None else "--node-rank"
+        raise FlashrunError(f"{source} is {node_rank} but the job has a single node: it must be 0")
 
     entrypoint = _entrypoint(str(options["script"]), bool(options["module"]), bool(options["no_python"]))
     rdzv_conf = parse_rdzv_conf(str(options["rdzv_conf"]))

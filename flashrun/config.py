@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import secrets
+import zlib
 from collections.abc import Mapping
 
 from flashrun.errors import FlashrunError
@@ -95,6 +96,12 @@ class LaunchConfig:
         return self.standalone or self.max_nodes == 1 or self.node_rank == 0
 
 
+def slurm_rdzv_port(job_id: str) -> int:
+    """A port derived from the job id, so concurrent jobs sharing a node pick different ones."""
+    number = int(job_id) if job_id.isascii() and job_id.isdigit() else zlib.crc32(job_id.encode())
+    return SLURM_PORT_BASE + number % SLURM_PORT_SPAN
+
+
 def parse_nnodes(value: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value)
     if not match:
@@ -109,7 +116,7 @@ def parse_nnodes(value: str) -> tuple[int, int]:
 def parse_nproc_per_node(value: str, cpu_count: int, gpu_count: int) -> int:
     """torchrun's int|cpu|gpu|auto, with the device counts passed in so this stays pure."""
     value = value.strip()
-    if value.isdigit() and int(value) > 0:
+    if value.isascii() and value.isdigit() and int(value) > 0:
         return int(value)
     if value == "cpu":
         return cpu_count
@@ -182,7 +189,7 @@ def parse_std_spec(value: str, option: str, nproc: int) -> dict[int, StdSpec]:
     specs = {rank: StdSpec() for rank in range(nproc)}
     for item in value.split(","):
         rank_text, _, code = item.partition(":")
-        if not rank_text.strip().isdigit():
+        if not (rank_text.strip().isascii() and rank_text.strip().isdigit()):
             raise FlashrunError(f"{option} per-rank form is LOCAL_RANK:N,..., got {item!r}")
         specs[int(rank_text)] = one(code.strip())
     return specs
@@ -221,3 +228,60 @@ def resolve_token(token_file: str | None, env: Mapping[str, str], standalone: bo
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """Failure detection settings (coordinator and agents). Order: interval < timeout < stall floor."""
+
+    heartbeat_interval_s: float = 0.25
+    """How often workers beat and agents send their node summary."""
+    heartbeat_timeout_s: float = 1.5
+    """A worker silent this long is `unresponsive`."""
+    node_timeout_s: float = 2.0
+    """An agent whose summaries stop this long is `node_lost` (a broken stream is noticed at once)."""
+    stall_floor_s: float = 2.0
+    """The job's steps may stop advancing at least this long before it is `stalled`."""
+    stall_multiplier: float = 10.0
+    """...or this many recent step times, when that is longer (the adaptive part of --stall-timeout auto)."""
+    stall_ceiling_s: float = 600.0
+    """...but never longer than this; also the limit before the first step of a generation completes."""
+    straggler_lag_steps: int = 2
+    """A progressing rank this many steps behind the leader is reported as a straggler, not a failure."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise FlashrunError(
+                f"--heartbeat-timeout ({self.heartbeat_timeout_s:g} s) must be longer than --heartbeat-interval "
+                f"({self.heartbeat_interval_s:g} s), which must be > 0"
+            )
+        if self.node_timeout_s <= self.heartbeat_interval_s:
+            raise FlashrunError(f"node timeout ({self.node_timeout_s:g} s) must exceed the heartbeat interval")
+        if not self.heartbeat_timeout_s < self.stall_floor_s <= self.stall_ceiling_s:
+            raise FlashrunError(
+                f"--stall-timeout ({self.stall_floor_s:g} s) must be longer than --heartbeat-timeout "
+                f"({self.heartbeat_timeout_s:g} s) and at most {self.stall_ceiling_s:g} s"
+            )
+        if self.stall_multiplier < 1 or self.straggler_lag_steps < 1:
+            raise FlashrunError("stall multiplier and straggler lag must be at least 1")
+
+
+def parse_detection(heartbeat_interval: float | None, heartbeat_timeout: float | None, stall_timeout: str) -> Detection:
+    """--heartbeat-interval, --heartbeat-timeout, --stall-timeout (`auto`, or the floor in seconds).
+
+    The stall threshold is always adaptive above its floor: a job whose steps slow down gradually is not stalled.
+    """
+    values: dict[str, float] = {}
+    if heartbeat_interval is not None:
+        values["heartbeat_interval_s"] = heartbeat_interval
+        values["node_timeout_s"] = max(Detection.node_timeout_s, 4 * heartbeat_interval)
+    if heartbeat_timeout is not None:
+        values["heartbeat_timeout_s"] = heartbeat_timeout
+        values["stall_floor_s"] = max(Detection.stall_floor_s, heartbeat_timeout + 0.5)
+    text = stall_timeout.strip().lower()
+    if text != "auto":
+        try:
+            values["stall_floor_s"] = float(text)
+        except ValueError:
+            raise FlashrunError(f"--stall-timeout must be 'auto' or seconds, got {stall_timeout!r}") from None
+    return Detection(**values)

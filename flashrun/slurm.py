@@ -41,8 +41,7 @@ def _expand_range(body: str, element: str) -> list[str]:
         match = _RANGE_RE.fullmatch(part)
         if match is None:
             raise ValueError(
-                f"invalid range {part!r} in hostlist element {element!r}: "
-                "expected N or N-M with non-negative integers"
+                f"invalid range {part!r} in hostlist element {element!r}: expected N or N-M with non-negative integers"
             )
         lo_text, hi_text = match.group(1), match.group(2)
         lo = int(lo_text)
@@ -52,9 +51,7 @@ def _expand_range(body: str, element: str) -> list[str]:
                 f"invalid range {part!r} in hostlist element {element!r}: start {lo} is greater than end {hi}"
             )
         if hi - lo + 1 > MAX_HOSTS:
-            raise ValueError(
-                f"range {part!r} in hostlist element {element!r} expands to more than {MAX_HOSTS} names"
-            )
+            raise ValueError(f"range {part!r} in hostlist element {element!r} expands to more than {MAX_HOSTS} names")
         # Slurm keeps the width of the lower bound as the minimum width:
         # [01-10] -> 01..10, [8-010] -> 8, 9, 10, [1-02] -> 1, 2.
         width = len(lo_text)
@@ -250,9 +247,7 @@ class SlurmAllocation:
             )
         node_rank = _parse_int("SLURM_NODEID", node_id_text)
         if node_rank >= nnodes:
-            raise ValueError(
-                f"SLURM_NODEID={node_id_text!r} is out of range for {nnodes_var}={nnodes_text!r}"
-            )
+            raise ValueError(f"SLURM_NODEID={node_id_text!r} is out of range for {nnodes_var}={nnodes_text!r}")
 
         found = _first_present(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
         if found is None:
@@ -265,9 +260,7 @@ class SlurmAllocation:
         except ValueError as exc:
             raise ValueError(f"{nodelist_var}={nodelist!r}: {exc}") from exc
         if len(hosts) != nnodes:
-            raise ValueError(
-                f"{nodelist_var}={nodelist!r} names {len(hosts)} node(s) but {nnodes_var}={nnodes_text!r}"
-            )
+            raise ValueError(f"{nodelist_var}={nodelist!r} names {len(hosts)} node(s) but {nnodes_var}={nnodes_text!r}")
 
         return cls(
             job_id=job_id,

@@ -18,7 +18,8 @@ import hmac
 import signal
 from typing import Any
 
-from flashrun.config import PROTOCOL_VERSION
+from flashrun.config import PROTOCOL_VERSION, Detection
+from flashrun.coordinator.detector import Detected, FailureDetector, RankReport
 from flashrun.coordinator.ranks import Member, NodeAssignment, assign_ranks
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK
 
@@ -40,6 +41,7 @@ class JobSpec:
     max_restarts: int
     last_call_s: float
     stop_ack_s: float
+    detection: Detection = Detection()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,7 @@ class StartGeneration:
 class Stop:
     agent_id: str
     generation: int
+    kill_local_ranks: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +128,23 @@ class Output:
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-    rank: int
-    local_rank: int
-    node_rank: int
+    """One detected fault: `crash`, `unresponsive`, `stalled` or `node_lost`, with who and why."""
+
+    kind: str
+    ranks: tuple[int, ...]
+    node_rank: int | None
     hostname: str
-    exit_code: int
-    error_message: str
-    traceback: str
+    evidence: str
     generation: int
+    local_rank: int | None = None
+    exit_code: int | None = None
+    error_message: str = ""
+    traceback: str = ""
 
     def describe(self) -> str:
+        if self.kind != "crash":
+            return f"{self.kind} in generation {self.generation}: {self.evidence}"
+        assert self.exit_code is not None
         if self.exit_code < 0:
             try:
                 name = signal.Signals(-self.exit_code).name
@@ -144,7 +154,7 @@ class Failure:
         else:
             how = f"exited with code {self.exit_code}"
         return (
-            f"rank {self.rank} (local rank {self.local_rank}) on node {self.node_rank} ({self.hostname}) {how}"
+            f"rank {self.ranks[0]} (local rank {self.local_rank}) on node {self.node_rank} ({self.hostname}) {how}"
             f" in generation {self.generation}"
         )
 
@@ -166,6 +176,10 @@ class Job:
         self._succeeded: set[tuple[str, int]] = set()
         self._stopped: set[str] = set()
         self._stop_deadline: float | None = None
+        self._failed_ranks: set[int] = set()
+        self._lost_nodes: set[int] = set()
+        self._stragglers: set[int] = set()
+        self.detector: FailureDetector | None = None
 
     @property
     def world_size(self) -> int:
@@ -198,7 +212,7 @@ class Job:
         if len(self.members) >= self.spec.min_nodes and self._min_reached_at is None:
             self._min_reached_at = now
         if len(self.members) == self.spec.max_nodes:
-            self._start_first_generation(out)
+            self._start_first_generation(out, now)
         else:
             needed = self.spec.min_nodes if len(self.members) < self.spec.min_nodes else self.spec.max_nodes
             out.commands.extend(Wait(agent_id, len(self.members), needed) for agent_id in self.members)
@@ -218,10 +232,16 @@ class Job:
                 self._min_reached_at = None
             out.events.append(Event("agent_left", self.generation, {"host": member.hostname}))
             return out
-        node_rank = self.assignments[agent_id].node_rank
-        out.events.append(Event("node_lost", self.generation, {"node": node_rank, "host": member.hostname}))
+        assignment = self.assignments[agent_id]
+        ranks = tuple(range(assignment.rank_offset, assignment.rank_offset + assignment.local_world_size))
+        failure = Failure("node_lost", ranks, assignment.node_rank, member.hostname,
+                          f"the agent's connection on node {assignment.node_rank} ({member.hostname}) broke",
+                          self.generation)
         del self.members[agent_id]
-        self._fail(out, f"node {node_rank} ({member.hostname}) lost its agent; the job cannot continue without it")
+        self._lost_nodes.add(assignment.node_rank)
+        self._record_failure(out, failure)
+        self._fail(out, f"node {assignment.node_rank} ({member.hostname}) lost its agent; "
+                        "the job cannot continue without it")
         return out
 
     def worker_exited(self, agent_id: str, exit: WorkerExit, now: float) -> Output:
@@ -245,18 +265,24 @@ class Job:
         if self.phase is not Phase.RUNNING:
             return out  # exits after our own stop command are expected, not failures
         failure = Failure(
-            rank, exit.local_rank, assignment.node_rank, member.hostname, exit.exit_code,
-            exit.error_message, exit.traceback, self.generation,
+            "crash", (rank,), assignment.node_rank, member.hostname, "", self.generation, local_rank=exit.local_rank,
+            exit_code=exit.exit_code, error_message=exit.error_message, traceback=exit.traceback,
         )
-        self.failures.append(failure)
-        out.events.append(Event("worker_failed", self.generation, {**fields, "kind": "crash",
-                                                                    "evidence": failure.describe()}))
-        self.phase = Phase.STOPPING
-        self._stopped.clear()
-        self._stop_deadline = now + self.spec.stop_ack_s
-        out.commands.extend(Stop(agent_id, self.generation) for agent_id in self.members)
-        out.events.append(Event("stopping", self.generation, {"reason": failure.describe()}))
+        failure = dataclasses.replace(failure, evidence=failure.describe())
+        self._record_failure(out, failure)
+        self._stop_all(out, now, failure)
         return out
+
+    def node_summary(self, agent_id: str, generation: int, reports: list[RankReport], now: float) -> Output:
+        """A node's per-interval summary; `reports` carry local ranks, translated here to global ranks."""
+        assignment = self.assignments.get(agent_id)
+        if assignment is None or generation != self.generation or self.detector is None:
+            return Output()
+        self.detector.observe(assignment.node_rank, [
+            dataclasses.replace(r, rank=assignment.rank_offset + r.local_rank, node_rank=assignment.node_rank)
+            for r in reports
+        ], now)
+        return Output()
 
     def workers_stopped(self, agent_id: str, generation: int, now: float) -> Output:
         out = Output()
@@ -272,9 +298,11 @@ class Job:
         self.restarts += 1
         self.generation += 1
         self._succeeded.clear()
+        self._failed_ranks.clear()
+        self._stragglers.clear()
         self.phase = Phase.RUNNING
         out.events.append(Event("restarting", self.generation, {"restarts": self.restarts}))
-        out.commands.append(self._start_command())
+        out.commands.append(self._start_command(now))
         return out
 
     def tick(self, now: float) -> Output:
@@ -284,7 +312,14 @@ class Job:
             and self._min_reached_at is not None
             and now - self._min_reached_at >= self.spec.last_call_s
         ):
-            self._start_first_generation(out)
+            self._start_first_generation(out, now)
+        elif self.phase is Phase.RUNNING and self.detector is not None:
+            detected = self.detector.check(now)
+            self._note_stragglers(out)
+            for found in detected:
+                self._record_failure(out, self._from_detected(found))
+            if detected:
+                self._stop_all(out, now, self.failures[-1])
         elif self.phase is Phase.STOPPING and self._stop_deadline is not None and now >= self._stop_deadline:
             missing = sorted(self.members[a].hostname for a in set(self.members) - self._stopped)
             self._fail(out, f"agents on {', '.join(missing)} did not confirm their workers stopped "
@@ -315,38 +350,118 @@ class Job:
         if requested is not None and self.phase is Phase.RENDEZVOUS:
             if requested >= self.spec.max_nodes:
                 last = self.spec.max_nodes - 1
-                return f"--node-rank {requested} is outside 0..{last} for --nnodes {self.spec.max_nodes}"
+                return f"--node-rank {requested} is outside 0..{last}: the job has at most {self.spec.max_nodes} nodes"
             for other in self.members.values():
                 if other.requested_node_rank == requested:
                     return (f"node rank {requested} is already taken by {other.hostname} "
                             f"({other.agent_id}); give each node a distinct --node-rank")
         return ""
 
-    def _start_first_generation(self, out: Output) -> None:
+    def _start_first_generation(self, out: Output, now: float) -> None:
         self.assignments = assign_ranks(list(self.members.values()))
         self.phase = Phase.RUNNING
         out.events.append(Event("rendezvous_complete", self.generation, {
             "nnodes": len(self.members), "world_size": self.world_size,
         }))
-        out.commands.append(self._start_command())
+        out.commands.append(self._start_command(now))
 
-    def _start_command(self) -> StartGeneration:
+    def _start_command(self, now: float) -> StartGeneration:
+        ranks_by_node = {
+            a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
+        }
+        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
+
+    def _record_failure(self, out: Output, failure: Failure) -> None:
+        self.failures.append(failure)
+        self._failed_ranks.update(failure.ranks)
+        fields: dict[str, Any] = {"kind": failure.kind, "ranks": list(failure.ranks), "evidence": failure.evidence}
+        if len(failure.ranks) == 1:
+            fields["rank"] = failure.ranks[0]
+        if failure.node_rank is not None:
+            fields["node"] = failure.node_rank
+        if failure.exit_code is not None:
+            fields["exit_code"] = failure.exit_code
+        out.events.append(Event("failure", self.generation, fields))
+
+    def _from_detected(self, found: Detected) -> Failure:
+        hosts = {m.hostname for a, m in self.members.items() if self.assignments[a].node_rank == found.node_rank}
+        return Failure(found.kind, found.ranks, found.node_rank, hosts.pop() if hosts else "", found.evidence,
+                       self.generation)
+
+    def _stop_all(self, out: Output, now: float, cause: Failure) -> None:
+        """Stop every member's workers; the faulty ones are killed at once (they may not heed SIGTERM)."""
+        self.phase = Phase.STOPPING
+        self._stopped.clear()
+        self._stop_deadline = now + self.spec.stop_ack_s
+        for agent_id in self.members:
+            a = self.assignments[agent_id]
+            kill = tuple(r - a.rank_offset for r in sorted(self._failed_ranks)
+                         if a.rank_offset <= r < a.rank_offset + a.local_world_size)
+            out.commands.append(Stop(agent_id, self.generation, kill))
+        out.events.append(Event("stopping", self.generation, {"reason": cause.describe()}))
+
+    def _note_stragglers(self, out: Output) -> None:
+        assert self.detector is not None
+        current = self.detector.stragglers
+        for rank in sorted(current - self._stragglers):
+            report = self.detector.last_report(rank)
+            out.events.append(Event("straggler", self.generation, {
+                "rank": rank, "step": report.step if report else -1, "leader_step": self.detector.leader_step,
+            }))
+        self._stragglers = set(current)
+
+    # Status -------------------------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The job as `flashrun status --json` shows it: plain data, no references into the state machine."""
+        failed_kind = {r: f.kind for f in self.failures if f.generation == self.generation for r in f.ranks}
+        succeeded = {self.assignments[a].rank_offset + lr for a, lr in self._succeeded if a in self.assignments}
+        ranks = []
+        for agent_id, a in sorted(self.assignments.items(), key=lambda item: item[1].node_rank):
+            member = self.members.get(agent_id)
+            for rank in range(a.rank_offset, a.rank_offset + a.local_world_size):
+                report = self.detector.last_report(rank) if self.detector else None
+                if rank in failed_kind:
+                    state = "lost" if failed_kind[rank] == "node_lost" else failed_kind[rank]
+                elif rank in succeeded:
+                    state = "succeeded"
+                elif self.phase is Phase.STOPPING:
+                    state = "stopping"
+                elif self.phase is Phase.RUNNING:
+                    state = "straggler" if rank in self._stragglers else "running"
+                else:
+                    state = self.phase.value
+                ranks.append({
+                    "rank": rank, "node": a.node_rank, "host": member.hostname if member else "",
+                    "pid": report.pid if report else 0, "state": state, "step": report.step if report else -1,
+                    "steps_per_s": round(self.detector.steps_per_s(rank), 3) if self.detector else 0.0,
+                    "heartbeat_age_s": round(self.detector.heartbeat_age_s(rank, now), 3) if self.detector else -1.0,
+                })
+        return {
+            "run_id": self.spec.run_id, "phase": self.phase.value, "generation": self.generation,
+            "restarts": self.restarts, "world_size": self.world_size, "nnodes": len(self.assignments),
+            "spares": len(self.spares), "ranks": ranks,
+        }
 
     def _fail(self, out: Output, reason: str) -> None:
         self.phase = Phase.FAILED
         self.exit_code = EXIT_JOB_FAILED
         lines = [f"job failed: {reason}"]
         if self.failures:
-            root = self.failures[0]
+            # As torchrun does, the root cause is the first failure of the last attempt that failed.
+            last_generation = self.failures[-1].generation
+            root = next(f for f in self.failures if f.generation == last_generation)
             lines.append(f"root cause (first failure): {root.describe()}")
             if root.error_message:
                 lines.append(f"  error: {root.error_message}")
             if root.traceback:
                 lines.append("  traceback:")
                 lines.extend("    " + line for line in root.traceback.rstrip().splitlines())
-            for other in self.failures[1:]:
-                lines.append(f"earlier generation failure: {other.describe()}")
+            for other in self.failures:
+                if other is not root:
+                    when = "earlier generation" if other.generation < last_generation else "also"
+                    lines.append(f"{when} failure: {other.describe()}")
         self.summary = "\n".join(lines)
         out.events.append(Event("job_failed", self.generation, {"reason": reason, "restarts": self.restarts}))
         self._shutdown_all(out)
