@@ -109,12 +109,17 @@ if missing_tools; then
     log "installing slurm-wlm and munge with apt-get"
     t0=$SECONDS
     apt_install() { apt-get install -y --no-install-recommends slurm-wlm munge; }
-    if ! apt_install >/tmp/slurm-cluster-apt.log 2>&1; then
+    apt_log=/tmp/slurm-cluster-apt.log
+    apt_failed() {
+        tail -n 20 "$apt_log" >&2
+        die "$1 (full output in $apt_log)"
+    }
+    # Without `apt-get update` first: the package lists are usually there
+    # already, and update is slow and needs the mirror.
+    if ! apt_install >"$apt_log" 2>&1; then
         log "apt-get install failed; running apt-get update and retrying"
-        apt-get update >>/tmp/slurm-cluster-apt.log 2>&1 ||
-            die "apt-get update failed; see /tmp/slurm-cluster-apt.log"
-        apt_install >>/tmp/slurm-cluster-apt.log 2>&1 ||
-            die "apt-get install slurm-wlm munge failed; see /tmp/slurm-cluster-apt.log"
+        apt-get update >>"$apt_log" 2>&1 || apt_failed "apt-get update failed"
+        apt_install >>"$apt_log" 2>&1 || apt_failed "apt-get install slurm-wlm munge failed"
     fi
     log "installed in $((SECONDS - t0))s: $(dpkg-query -W -f='${Package} ${Version}  ' slurm-wlm munge)"
     started=1
@@ -296,7 +301,7 @@ while :; do
     ready=1
     for node in "${NODES[@]}"; do
         pid_alive "/run/slurmd-$node.pid" slurmd || die "slurmd for $node exited (see its log below)"
-        state="$(node_state "$node")"
+        state="$(node_state "$node" || true)" # empty until the node is known
         states+=("$node=${state:-?}")
         case "$state" in
         IDLE | MIXED | ALLOCATED) ;;

@@ -11,16 +11,19 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import click
 
 from flashrun import __version__
 from flashrun.config import (
     DEFAULT_RDZV_PORT,
+    Detection,
     Endpoint,
     LaunchConfig,
     cpu_count,
+    parse_detection,
     parse_endpoint,
     parse_local_ranks_filter,
     parse_nnodes,
@@ -54,6 +57,24 @@ def _option(*names: str, **kwargs: object):  # noqa: ANN202 - a thin wrapper ove
         if name.startswith("--") and "-" in name[2:]:
             spellings.append("--" + name[2:].replace("-", "_"))
     return click.option(*dict.fromkeys(spellings), dest, envvar=f"PET_{dest.upper()}", show_envvar=False, **kwargs)
+
+
+def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Failure-detection options, shared by the launcher and `flashrun coordinator` (whose values win)."""
+    defaults = Detection()
+    for option in reversed([
+        click.option("--heartbeat-interval", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"Seconds between worker heartbeats and node summaries. [default: "
+                          f"{defaults.heartbeat_interval_s:g}]"),
+        click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"A worker silent this long is unresponsive. [default: {defaults.heartbeat_timeout_s:g}]"),
+        click.option("--stall-timeout", default="auto", show_default=True,
+                     help=f"auto, or seconds: how long the job's steps may stop before it is stalled (a floor; "
+                          f"auto: {defaults.stall_floor_s:g} s or {defaults.stall_multiplier:g} recent step times, "
+                          f"at most {defaults.stall_ceiling_s:g} s)."),
+    ]):
+        command = option(command)
+    return command
 
 
 @click.command(
@@ -91,6 +112,7 @@ def _option(*names: str, **kwargs: object):  # noqa: ANN202 - a thin wrapper ove
 @_option("--shutdown-timeout", default=None, type=click.FloatRange(min=0, min_open=True),
          help="Seconds between SIGTERM and SIGKILL when stopping workers. [default: 30]")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+@detection_options
 @click.option("--run-path", "--run_path", "run_path", is_flag=True, hidden=True)
 @click.option("--event-log-handler", "--event_log_handler", "event_log_handler", default=None, hidden=True)
 @click.option("--logs-specs", "--logs_specs", "logs_specs", default=None, hidden=True)
@@ -186,8 +208,14 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         local_ranks_filter=parse_local_ranks_filter(str(options["local_ranks_filter"]), nproc),
         local_addr=options["local_addr"],  # type: ignore[arg-type]
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
+        detection=_detection(options),
         base_env=dict(env),
     )
+
+
+def _detection(options: Mapping[str, object]) -> Detection:
+    return parse_detection(options.get("heartbeat_interval"), options.get("heartbeat_timeout"),  # type: ignore[arg-type]
+                           str(options.get("stall_timeout") or "auto"))
 
 
 def _slurm(env: Mapping[str, str]) -> SlurmAllocation | None:
@@ -229,6 +257,7 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
 @_option("--log-dir", default=None, help="Where events.jsonl is written.")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+@detection_options
 def coordinator(**options: object) -> None:
     """Run only the coordinator of a multi-node job, e.g. off the training nodes."""
     _prepare_launcher_process()
@@ -242,7 +271,7 @@ def coordinator(**options: object) -> None:
         spec = JobSpec(
             run_id=str(options["rdzv_id"]), token=resolve_token(options["token_file"], os.environ, False),  # type: ignore[arg-type]
             min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
-            last_call_s=timeouts.last_call_s, stop_ack_s=timeouts.stop_ack_s,
+            last_call_s=timeouts.last_call_s, stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)

@@ -88,6 +88,7 @@ class LaunchConfig:
     local_ranks_filter: frozenset[int] | None
     local_addr: str | None
     timeouts: Timeouts = Timeouts()
+    detection: Detection = dataclasses.field(default_factory=lambda: Detection())
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """The launcher's environment as the user gave it: what workers inherit."""
 

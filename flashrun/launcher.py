@@ -21,7 +21,7 @@ COORDINATOR_LINGER_S = 10.0
 """After the job ends, how long the hosting launcher waits for other agents to read their Shutdown."""
 GRPC_PROBE_S = 2.0
 """When our coordinator's port is taken, how long to wait for an existing coordinator there to answer."""
-CONSOLE_EVENTS = {"worker_failed", "node_lost", "restarting", "job_failed", "agent_rejected"}
+CONSOLE_EVENTS = {"failure", "straggler", "restarting", "job_failed", "agent_rejected"}
 
 
 class EventLog:
@@ -156,7 +156,7 @@ def _host_coordinator(
     spec = JobSpec(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
         max_restarts=config.max_restarts, last_call_s=config.timeouts.last_call_s,
-        stop_ack_s=config.timeouts.stop_ack_s,
+        stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection,
     )
     store_host = config.master_addr or endpoint.host
     server = CoordinatorServer(spec, bind, store_host, config.master_port, events)

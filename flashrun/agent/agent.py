@@ -7,24 +7,28 @@ Events come from the coordinator's stream (a reader thread), from worker exit wa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent.beats import HeartbeatBoard
 from flashrun.agent.output import OutputPolicy, attempt_dir
 from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
 from flashrun.agent.workers import ExitReport, WorkerGroup
-from flashrun.config import PROTOCOL_VERSION, Endpoint, LaunchConfig
+from flashrun.config import PROTOCOL_VERSION, Detection, Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
 
 OUTPUT_DRAIN_S = 2.0
@@ -61,6 +65,9 @@ class Agent:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers: WorkerGroup | None = None
+        self._board: HeartbeatBoard | None = None
+        self._heartbeat_interval_s = Detection.heartbeat_interval_s
+        self._next_summary = math.inf
         self._env = launcher_env(config.base_env, config.nproc_per_node)
         self.agent_id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -73,7 +80,9 @@ class Agent:
         """Join the coordinator at `endpoint`, run this node's share of the job, return the exit code."""
         self._endpoint = endpoint
         channel = grpc.insecure_channel(str(self._endpoint))
+        socket_dir = tempfile.mkdtemp(prefix="flashrun-agent-")  # short: Unix socket paths max out near 107 bytes
         try:
+            self._board = HeartbeatBoard(os.path.join(socket_dir, "agent.sock"), self._config.nproc_per_node)
             self._wait_for_coordinator(channel)
             stub = pb_grpc.CoordinatorStub(channel)
             self._outbox.put(pb.AgentMessage(join=pb.Join(
@@ -88,6 +97,9 @@ class Agent:
         finally:
             self._outbox.put(None)
             channel.close()
+            if self._board is not None:
+                self._board.close()
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
     def _wait_for_coordinator(self, channel: grpc.Channel) -> None:
         ready = grpc.channel_ready_future(channel)
@@ -137,10 +149,14 @@ class Agent:
         started = False
         spare = False
         while True:
+            now = time.monotonic()
+            if now >= self._next_summary:
+                self._send_summary(now)
             try:
-                event = self._events.get(timeout=0.5 if not started else None)
+                wait = min(self._next_summary - now, 0.5) if not started else self._next_summary - now
+                event = self._events.get(timeout=None if wait == math.inf else max(0.0, wait))
             except queue.Empty:
-                if not spare and time.monotonic() >= join_deadline:
+                if not started and not spare and time.monotonic() >= join_deadline:
                     raise FlashrunError(
                         f"the rendezvous at {self._endpoint} did not complete within "
                         f"{self._config.timeouts.join_s:g} s: start the other nodes' launchers or lower --nnodes",
@@ -171,7 +187,7 @@ class Agent:
                     started = True
                     self._start_workers(message.start)
                 elif kind == "stop":
-                    self._stop_workers(signal.SIGTERM)
+                    self._stop_workers(signal.SIGTERM, kill_first=message.stop.kill_local_ranks)
                     self._outbox.put(pb.AgentMessage(
                         workers_stopped=pb.WorkersStopped(generation=message.stop.generation)))
                 elif kind == "shutdown":
@@ -185,6 +201,10 @@ class Agent:
     def _start_workers(self, start: pb.StartWorkers) -> None:
         self._stop_workers(signal.SIGTERM)
         config = self._config
+        assert self._board is not None
+        self._board.new_generation(start.generation)
+        if start.detection.heartbeat_interval_s > 0:
+            self._heartbeat_interval_s = start.detection.heartbeat_interval_s
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
             rank = start.rank_offset + local_rank
@@ -195,6 +215,7 @@ class Agent:
                 generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
                 master_addr=start.master_addr or config.master_addr or self._endpoint.host,
                 master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
+                agent_socket=self._board.socket_path, heartbeat_interval_s=self._heartbeat_interval_s,
             )
             policy = OutputPolicy(
                 prefix=f"[rank{rank}]:".encode(), log_dir=config.log_dir,
@@ -204,6 +225,16 @@ class Agent:
             group.spawn(local_rank, [*config.entrypoint, *config.script_args], worker_env(self._env, placement),
                         policy, placement.error_file)
         self._workers = group
+        self._next_summary = time.monotonic() + self._heartbeat_interval_s
+
+    def _send_summary(self, now: float) -> None:
+        """One message per node per interval, whatever the number of workers."""
+        if self._workers is None or self._board is None:
+            self._next_summary = math.inf
+            return
+        summary = self._board.summary(self._workers.generation, self._workers.pids_by_local_rank, now)
+        self._outbox.put(pb.AgentMessage(summary=summary))
+        self._next_summary = now + self._heartbeat_interval_s
 
     def _report_exit(self, report: ExitReport) -> None:
         self._outbox.put(pb.AgentMessage(worker_exited=pb.WorkerExited(
@@ -211,11 +242,13 @@ class Agent:
             error_message=report.error_message, traceback=report.traceback, timestamp=report.timestamp,
         )))
 
-    def _stop_workers(self, signum: int) -> None:
+    def _stop_workers(self, signum: int, kill_first: Sequence[int] = ()) -> None:
         if self._workers is None:
             return
         timeouts = self._config.timeouts
+        self._workers.kill(kill_first)
         survivors = self._workers.stop(signum, timeouts.stop_grace_s, timeouts.kill_wait_s, OUTPUT_DRAIN_S)
         if survivors:
             say(f"worker PIDs {survivors} did not exit after SIGKILL within {timeouts.kill_wait_s:g} s")
         self._workers = None
+        self._next_summary = math.inf

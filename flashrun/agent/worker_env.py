@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from flashrun.worker.link import AGENT_SOCKET_ENV, HEARTBEAT_INTERVAL_ENV
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerPlacement:
@@ -21,6 +23,8 @@ class WorkerPlacement:
     master_addr: str
     master_port: int
     error_file: str
+    agent_socket: str
+    heartbeat_interval_s: float
 
     @property
     def rank(self) -> int:
@@ -50,6 +54,9 @@ def worker_env(base: Mapping[str, str], placement: WorkerPlacement) -> dict[str,
             "TORCHELASTIC_USE_AGENT_STORE": "True",
             "TORCHELASTIC_ERROR_FILE": placement.error_file,
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": base.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+            # flashrun's own: where `import flashrun` finds the agent. Absent under torchrun, so the library idles.
+            AGENT_SOCKET_ENV: placement.agent_socket,
+            HEARTBEAT_INTERVAL_ENV: repr(placement.heartbeat_interval_s),
         }
     )
     return env

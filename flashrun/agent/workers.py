@@ -73,8 +73,15 @@ class WorkerGroup:
         self._workers: list[_Worker] = []
 
     @property
-    def pids(self) -> list[int]:
-        return [worker.process.pid for worker in self._workers]
+    def pids_by_local_rank(self) -> dict[int, int]:
+        return {worker.local_rank: worker.process.pid for worker in self._workers}
+
+    def kill(self, local_ranks: Sequence[int]) -> None:
+        """SIGKILL these workers' process groups now: they were found hung or frozen and will not heed SIGTERM."""
+        for worker in self._workers:
+            if worker.local_rank in local_ranks and not worker.exited.is_set():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.process.pid, signal.SIGKILL)
 
     def spawn(
         self, local_rank: int, argv: Sequence[str], env: Mapping[str, str], policy: OutputPolicy, error_file: str

@@ -23,6 +23,8 @@ from flashrun.config import Detection
 
 RATE_WINDOW_S = 5.0
 """Steps per second are measured over this trailing window."""
+STRAGGLER_PERSIST_INTERVALS = 8
+"""A lagging rank is a straggler once its lag has lasted this many heartbeat intervals."""
 STEP_HISTORY = 16
 """How many recent job-level step durations the adaptive stall threshold looks at."""
 
@@ -68,6 +70,7 @@ class FailureDetector:
         self._reported: set[tuple[str, int | None, tuple[int, ...]]] = set()
         self.stragglers: set[int] = set()
         self.leader_step = -1
+        self._lagging_since: dict[int, float] = {}
 
     # Inputs -----------------------------------------------------------------------------------------------
 
@@ -132,7 +135,7 @@ class FailureDetector:
     def check(self, now: float) -> list[Detected]:
         """Failures newly seen at `now`; each is reported once."""
         found = self._lost_nodes(now) or self._unresponsive(now) or self._stalled(now)
-        self._update_stragglers()
+        self._update_stragglers(now)
         fresh = []
         for failure in found:
             key = (failure.kind, failure.node_rank, failure.ranks)
@@ -185,10 +188,14 @@ class FailureDetector:
                                                   "(a lost peer connection or a hang below the collective)")]
         return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit")]
 
-    def _update_stragglers(self) -> None:
+    def _update_stragglers(self, now: float) -> None:
+        # Heartbeats sample steps at different moments on different ranks, so a short lag is noise: only a lag
+        # that persists for STRAGGLER_PERSIST_INTERVALS heartbeat intervals makes a straggler.
         tracked = [s.report for s in self._ranks.values() if s.report.heartbeat_age_s >= 0]
         if not tracked:
-            self.stragglers = set()
             return
         leader = self.leader_step = max(rep.step for rep in tracked)
-        self.stragglers = {rep.rank for rep in tracked if leader - rep.step >= self.settings.straggler_lag_steps}
+        lagging = {rep.rank for rep in tracked if leader - rep.step >= self.settings.straggler_lag_steps}
+        self._lagging_since = {rank: self._lagging_since.get(rank, now) for rank in lagging}
+        persist = STRAGGLER_PERSIST_INTERVALS * self.settings.heartbeat_interval_s
+        self.stragglers = {rank for rank, since in self._lagging_since.items() if now - since >= persist}

@@ -7,6 +7,8 @@ store do not prefix their keys by attempt, so every generation gets a fresh stor
 from __future__ import annotations
 
 import collections
+import hmac
+import json
 import queue
 import threading
 import time
@@ -20,6 +22,7 @@ from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.config import Endpoint
 from flashrun.coordinator import job as jobs
+from flashrun.coordinator.detector import RankReport
 from flashrun.errors import FlashrunError
 
 TICK_INTERVAL_S = 0.05
@@ -167,7 +170,30 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             ), now)
         if kind == "workers_stopped":
             return self._job.workers_stopped(agent_id, message.workers_stopped.generation, now)
+        if kind == "summary":
+            summary = message.summary
+            reports = [
+                RankReport(rank=-1, node_rank=-1, local_rank=r.local_rank, pid=r.pid, step=r.step,
+                           heartbeat_age_s=r.heartbeat_age_s, in_collective=r.in_collective, collective=r.collective,
+                           collective_seq=r.collective_seq)
+                for r in summary.ranks
+            ]
+            return self._job.node_summary(agent_id, summary.generation, reports, now)
         return jobs.Output()
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        if not hmac.compare_digest(request.token.encode(), self._job.spec.token.encode()):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "wrong token: give the job's --token-file or FLASHRUN_TOKEN")
+        with self._lock:
+            snapshot = self._job.snapshot(time.monotonic())
+        return pb.JobStatus(
+            run_id=snapshot["run_id"], phase=snapshot["phase"], generation=snapshot["generation"],
+            restarts=snapshot["restarts"], world_size=snapshot["world_size"], json=json.dumps(snapshot),
+            ranks=[pb.RankStatus(rank=r["rank"], node_rank=r["node"], hostname=r["host"], pid=r["pid"],
+                                 state=r["state"], step=r["step"], steps_per_s=r["steps_per_s"],
+                                 heartbeat_age_s=r["heartbeat_age_s"]) for r in snapshot["ranks"]],
+        )
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(TICK_INTERVAL_S):
@@ -194,7 +220,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             elif isinstance(command, jobs.MakeSpare):
                 self._send(command.agent_id, pb.CoordinatorMessage(spare=pb.Spare(reason=command.reason)))
             elif isinstance(command, jobs.Stop):
-                self._send(command.agent_id, pb.CoordinatorMessage(stop=pb.StopWorkers(generation=command.generation)))
+                self._send(command.agent_id, pb.CoordinatorMessage(stop=pb.StopWorkers(
+                    generation=command.generation, kill_local_ranks=command.kill_local_ranks)))
             elif isinstance(command, jobs.Shutdown):
                 self._send(command.agent_id, pb.CoordinatorMessage(
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
@@ -212,6 +239,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 generation=command.generation, node_rank=assignment.node_rank, nnodes=command.nnodes,
                 world_size=command.world_size, rank_offset=assignment.rank_offset, master_addr="",
                 master_port=store.port, max_restarts=self._job.spec.max_restarts,
+                detection=pb.Detection(heartbeat_interval_s=self._job.spec.detection.heartbeat_interval_s),
             )))
 
     def _send(self, agent_id: str, message: pb.CoordinatorMessage) -> None:

@@ -21,6 +21,13 @@ IGNORED = {
     # the launcher binary itself rather than anything the launcher chose for its workers.
     "_",
 }
+FLASHRUN_ONLY = {
+    # flashrun's own link from a worker to its agent, read by `import flashrun` in a script (heartbeats, step
+    # counting) and ignored by everything else; a script run under torchrun simply lacks it. Named one by one,
+    # not by prefix, so any other addition still shows up in the diff. `check_flashrun_only` checks their shape.
+    "FLASHRUN_AGENT_SOCKET",
+    "FLASHRUN_HEARTBEAT_INTERVAL",
+}
 PER_RUN = {
     # Fresh for every run by nature: a free port, a random run id (--standalone) and a temporary directory.
     # Their values cannot match between two runs; `check_per_run_forms` checks their shape instead.
@@ -85,12 +92,24 @@ def check_per_run_forms(program: str, records: dict[int, dict]) -> None:
         )
 
 
+def check_flashrun_only(torchrun: dict[int, dict], flashrun: dict[int, dict]) -> None:
+    for rank in torchrun:
+        leaked = FLASHRUN_ONLY & torchrun[rank]["env"].keys()
+        assert not leaked, f"torchrun rank {rank} has {leaked}: the test runner's environment sets them; unset them"
+        env = flashrun[rank]["env"]
+        if "FLASHRUN_AGENT_SOCKET" in env:
+            assert Path(env["FLASHRUN_AGENT_SOCKET"]).is_absolute(), env["FLASHRUN_AGENT_SOCKET"]
+        if "FLASHRUN_HEARTBEAT_INTERVAL" in env:
+            assert float(env["FLASHRUN_HEARTBEAT_INTERVAL"]) > 0, env["FLASHRUN_HEARTBEAT_INTERVAL"]
+
+
 def assert_parity(torchrun: dict[int, dict], flashrun: dict[int, dict], skip: set[str] = PER_RUN) -> None:
     check_per_run_forms("torchrun", torchrun)
     check_per_run_forms("flashrun", flashrun)
+    check_flashrun_only(torchrun, flashrun)
     problems = []
     for rank in sorted(torchrun):
-        lines = env_diff(torchrun[rank]["env"], flashrun[rank]["env"], IGNORED | skip)
+        lines = env_diff(torchrun[rank]["env"], flashrun[rank]["env"], IGNORED | FLASHRUN_ONLY | skip)
         for key in ("argv", "executable", "flags_unbuffered"):
             theirs, ours = torchrun[rank][key], flashrun[rank][key]
             if key == "executable":

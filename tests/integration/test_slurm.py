@@ -32,7 +32,7 @@ PROBE = REPO / "tests" / "probes" / "allreduce_probe.py"
 # The console script installed next to this interpreter (.venv/bin/flashrun).
 # sys.executable is not resolved: .venv/bin/python is a symlink out of the venv.
 FLASHRUN = Path(sys.executable).parent / "flashrun"
-JOB_TIMEOUT_S = 90  # under the suite's 120 s per-test limit (pytest-timeout)
+JOB_TIMEOUT_S = 75  # plus up to ~25 s of scancel: under the suite's 120 s per-test limit
 RESULT_RE = re.compile(r"\brank (\d+) world (\d+) sum (\d+)\s*$")
 
 # Variables that would make the job inherit a surrounding job or launcher:
@@ -89,7 +89,7 @@ def _text(data: str | bytes | None) -> str:
 def _cancel(job_name: str) -> str:
     """scancel the job called job_name and wait (bounded) until it is gone."""
     subprocess.run(["scancel", f"--name={job_name}"], capture_output=True, timeout=20)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         listed = subprocess.run(
             ["squeue", "--noheader", f"--name={job_name}", "--format=%A %T"],
@@ -100,7 +100,7 @@ def _cancel(job_name: str) -> str:
         if not listed:
             return "cancelled"
         time.sleep(0.5)
-    return f"still listed 30 s after scancel: {listed}"
+    return f"still listed 20 s after scancel: {listed}"
 
 
 def test_srun_two_nodes_forms_one_world() -> None:

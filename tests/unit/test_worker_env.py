@@ -23,6 +23,8 @@ PLACEMENT = WorkerPlacement(
     master_addr="10.0.0.5",
     master_port=29501,
     error_file="/logs/attempt_2/1/error.json",
+    agent_socket="/tmp/flashrun-agent-x/agent.sock",
+    heartbeat_interval_s=0.25,
 )
 
 TORCHRUN_VARS = {
@@ -55,10 +57,16 @@ def test_worker_env_sets_torchrun_variable(name: str, expected: str) -> None:
     assert worker_env({}, PLACEMENT)[name] == expected
 
 
-def test_worker_env_adds_nothing_but_torchrun_variables_to_the_base() -> None:
+FLASHRUN_VARS = {
+    "FLASHRUN_AGENT_SOCKET": "/tmp/flashrun-agent-x/agent.sock",
+    "FLASHRUN_HEARTBEAT_INTERVAL": "0.25",
+}
+
+
+def test_worker_env_adds_only_torchrun_variables_and_the_agent_link() -> None:
     base = {"PATH": "/usr/bin", "HOME": "/home/me"}
 
-    assert worker_env(base, PLACEMENT) == {**base, **TORCHRUN_VARS}
+    assert worker_env(base, PLACEMENT) == {**base, **TORCHRUN_VARS, **FLASHRUN_VARS}
 
 
 def test_worker_env_overrides_stale_torchrun_variables_in_the_base() -> None:

@@ -1,0 +1,80 @@
+"""The worker's connection to its agent: a gRPC stream over a Unix socket carrying heartbeats.
+
+Started when a script imports flashrun under the flashrun launcher (the agent sets FLASHRUN_AGENT_SOCKET); a no-op
+anywhere else, so the same script runs under torchrun or plain python.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+from flashrun.config import Detection
+
+AGENT_SOCKET_ENV = "FLASHRUN_AGENT_SOCKET"
+HEARTBEAT_INTERVAL_ENV = "FLASHRUN_HEARTBEAT_INTERVAL"
+
+
+class AgentLink:
+    def __init__(self, socket_path: str, interval_s: float, local_rank: int, generation: int) -> None:
+        # Set before gRPC loads: a script that forks (DataLoader workers) must not run gRPC's fork handlers.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+        import grpc
+
+        from flashrun._proto import flashrun_pb2 as pb
+        from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+
+        self._pb = pb
+        self._interval_s = interval_s
+        self._local_rank = local_rank
+        self._generation = generation
+        self._closed = threading.Event()
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self._stub = pb_grpc.WorkerChannelStub(self._channel)
+        self._thread = threading.Thread(target=self._run, name="flashrun-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beats(self) -> Iterator[object]:
+        from flashrun.worker.progress import progress
+
+        pid = os.getpid()
+        while True:
+            yield self._pb.WorkerBeat(
+                local_rank=self._local_rank, generation=self._generation, pid=pid, step=progress.step,
+                in_collective=bool(progress.collective), collective=progress.collective,
+                collective_seq=progress.collective_seq,
+            )
+            if self._closed.wait(self._interval_s):
+                return
+
+    def _run(self) -> None:
+        import grpc
+
+        try:
+            for _command in self._stub.Attach(self._beats(), wait_for_ready=True):
+                pass  # commands arrive in a later protocol version
+        except grpc.RpcError:
+            pass  # the agent is gone; it takes this process down with it (PR_SET_PDEATHSIG)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+_link: AgentLink | None = None
+
+
+def attach_if_launched() -> AgentLink | None:
+    """Connect to the agent once, when this process is a flashrun worker."""
+    global _link
+    socket_path = os.environ.get(AGENT_SOCKET_ENV)
+    if _link is None and socket_path:
+        from flashrun.worker.collectives import track_collectives
+
+        track_collectives()
+        _link = AgentLink(
+            socket_path, float(os.environ.get(HEARTBEAT_INTERVAL_ENV, Detection.heartbeat_interval_s)),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        )
+    return _link
