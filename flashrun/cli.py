@@ -6,6 +6,7 @@ options left unset come from the allocation.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -154,8 +155,8 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         if options.get(name):
             flag = "--" + name.replace("_", "-")
             raise FlashrunError(f"flashrun does not support torchrun's {flag}: {advice}")
-    slurm = _slurm(env)
     standalone = bool(options["standalone"])
+    slurm = _slurm(env, standalone)
 
     nnodes_text = str(options["nnodes"]) if options["nnodes"] is not None else None
     if nnodes_text is None:
@@ -218,7 +219,11 @@ def _detection(options: Mapping[str, object]) -> Detection:
                            str(options.get("stall_timeout") or "auto"))
 
 
-def _slurm(env: Mapping[str, str]) -> SlurmAllocation | None:
+def _slurm(env: Mapping[str, str], standalone: bool) -> SlurmAllocation | None:
+    """The allocation, when this process is one task of an `srun` step; a batch script or an salloc shell runs
+    on one node only (no SLURM_STEP_ID there), so Slurm's node counts would not describe this launch."""
+    if standalone or "SLURM_STEP_ID" not in env:
+        return None
     try:
         return SlurmAllocation.from_env(env)
     except ValueError as err:
@@ -282,7 +287,26 @@ def coordinator(**options: object) -> None:
     sys.exit(code)
 
 
-SUBCOMMANDS = {"coordinator": coordinator}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--rdzv-endpoint", "--rdzv_endpoint", "rdzv_endpoint", required=True,
+              help="HOST:PORT of the job's coordinator (printed by the launcher that hosts it).")
+@click.option("--token-file", default=None, help="File with the job's token (or set FLASHRUN_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON snapshot, for scripts.")
+def status(rdzv_endpoint: str, token_file: str | None, as_json: bool) -> None:
+    """Show a running job's state: generation, and per rank its node, PID, state, step, rate, heartbeat age."""
+    _prepare_launcher_process()
+    from flashrun.status import fetch_status, format_status
+
+    try:
+        endpoint = parse_endpoint(rdzv_endpoint, DEFAULT_RDZV_PORT)
+        snapshot = fetch_status(endpoint, resolve_token(token_file, os.environ, False))
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+
+
+SUBCOMMANDS = {"coordinator": coordinator, "status": status}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -237,11 +237,12 @@ class Detection:
 
     heartbeat_interval_s: float = 0.25
     """How often workers beat and agents send their node summary."""
-    heartbeat_timeout_s: float = 1.5
+    heartbeat_timeout_s: float = 2.0
     """A worker silent this long is `unresponsive`."""
-    node_timeout_s: float = 2.0
-    """An agent whose summaries stop this long is `node_lost` (a broken stream is noticed at once)."""
-    stall_floor_s: float = 2.0
+    node_timeout_s: float = 10.0
+    """An agent whose summaries stop this long is `node_lost`: a frozen agent or a silent partition. A killed agent
+    breaks its stream and is noticed at once, so this can be generous enough for a heavily loaded node."""
+    stall_floor_s: float = 3.0
     """The job's steps may stop advancing at least this long before it is `stalled`."""
     stall_multiplier: float = 10.0
     """...or this many recent step times, when that is longer (the adaptive part of --stall-timeout auto)."""

@@ -128,7 +128,7 @@ def launch(config: LaunchConfig) -> int:
         previous = {signum: signal.signal(signum, agent.on_signal) for signum in FORWARDED_SIGNALS}
         try:
             if bind is not None:
-                coordinator = _host_coordinator(config, bind, endpoint, events)
+                coordinator = _host_coordinator(config, bind, endpoint, events, run_dir)
                 if coordinator is not None and endpoint.port == 0:
                     endpoint = Endpoint(endpoint.host, coordinator.port)
             code = agent.run(endpoint)
@@ -151,7 +151,7 @@ def launch(config: LaunchConfig) -> int:
 
 
 def _host_coordinator(
-    config: LaunchConfig, bind: Endpoint, endpoint: Endpoint, events: EventLog
+    config: LaunchConfig, bind: Endpoint, endpoint: Endpoint, events: EventLog, run_dir: str
 ) -> CoordinatorServer | None:
     spec = JobSpec(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
@@ -168,5 +168,19 @@ def _host_coordinator(
         if config.rdzv_endpoint is not None and _answers_grpc(endpoint):
             return None
         raise
-    say(f"run {config.run_id}: coordinator listening on {bind.host}:{server.port}")
+    token_file = _write_token(run_dir, config.token)
+    status_hint = f" (flashrun status --rdzv-endpoint {endpoint.host}:{server.port}"
+    status_hint += f" --token-file {token_file})" if token_file else ")"
+    say(f"run {config.run_id}: coordinator listening on {bind.host}:{server.port}{status_hint}")
     return server
+
+
+def _write_token(directory: str, token: str) -> str | None:
+    """Keep the job's token where its owner (only) can read it, for `flashrun status`."""
+    if not token:
+        return None
+    path = os.path.join(directory, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return path

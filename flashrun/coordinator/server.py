@@ -53,6 +53,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._lock = threading.Lock()
         self._outboxes: dict[str, queue.SimpleQueue[pb.CoordinatorMessage | None]] = {}
         self._stores: collections.deque[Any] = collections.deque(maxlen=2)
+        self._next_store: Any = None
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
         self.port = 0
@@ -60,6 +61,13 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     # Lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> int:
+        # The first store is made before any agent joins: creating it imports torch (over a second), which must
+        # not delay the start of generation 0 once the rendezvous completes.
+        try:
+            self._next_store = _store_factory(self._store_host, self._first_store_port or 0)
+        except Exception as err:  # noqa: BLE001 - torch reports a taken port as a generic error
+            raise FlashrunError(f"cannot host the workers' TCPStore on port {self._first_store_port}: {err}; "
+                                "choose another --master-port") from None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_AGENT_STREAMS, thread_name_prefix="flashrun-coord"),
             options=[("grpc.so_reuseport", 0)],  # two coordinators on one port must fail, not share it
@@ -227,12 +235,13 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
 
     def _start_generation(self, command: jobs.StartGeneration) -> None:
-        port = self._first_store_port if (command.generation == 0 and self._first_store_port) else 0
-        try:
-            store = _store_factory(self._store_host, port)
-        except Exception as err:  # noqa: BLE001 - any failure to host the store ends the job with its reason
-            self._apply(self._job.abort(f"cannot host the workers' TCPStore on port {port}: {err}"))
-            return
+        store, self._next_store = self._next_store, None
+        if store is None:
+            try:
+                store = _store_factory(self._store_host, 0)
+            except Exception as err:  # noqa: BLE001 - any failure to host the store ends the job with its reason
+                self._apply(self._job.abort(f"cannot host the workers' TCPStore: {err}"))
+                return
         self._stores.append(store)  # the previous generation's store stays until this one is in use
         for agent_id, assignment in command.assignments.items():
             self._send(agent_id, pb.CoordinatorMessage(start=pb.StartWorkers(

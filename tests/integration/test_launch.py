@@ -65,7 +65,8 @@ def test_failure_beyond_max_restarts_names_the_root_cause(launcher: Launcher, tm
     summary = run.output[run.output.index("job failed"):]
     assert "no restarts are left (--max-restarts 1)" in summary
     assert re.search(r"root cause.*rank 1 \(local rank 1\) on node 0 .* exited with code 1", summary), summary
-    assert "ValueError: injected failure on rank 1 attempt 0" in summary
+    assert "ValueError: injected failure on rank 1 attempt 1" in summary  # the last attempt is the root cause
+    assert "earlier generation failure: rank 1" in summary
     assert 'fail_probe.py", line' in summary  # the traceback from the error file
     for attempt in (0, 1):
         assert (tmp_path / "logs" / f"attempt_{attempt}" / "1" / "error.json").is_file()

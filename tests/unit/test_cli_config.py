@@ -24,6 +24,7 @@ SLURM_ENV = {
     "SLURM_NNODES": "2",
     "SLURM_NODEID": "1",
     "SLURM_JOB_NODELIST": "n[1-2]",
+    "SLURM_STEP_ID": "0",
 }
 
 
@@ -297,3 +298,17 @@ def test_module_and_no_python_together_are_an_error(script: str) -> None:
 def test_bad_nnodes_is_an_error_naming_it(script: str) -> None:
     with raises_naming("--nnodes", "'3:1'"):
         config("--nnodes", "3:1", script)
+
+
+def test_a_batch_script_without_srun_is_not_treated_as_a_multi_node_step(script: str) -> None:
+    batch_env = {key: value for key, value in SLURM_ENV.items() if key != "SLURM_STEP_ID"}
+
+    cfg = config(script, env=batch_env)
+
+    assert (cfg.min_nodes, cfg.max_nodes, cfg.rdzv_endpoint) == (1, 1, None)
+
+
+def test_standalone_ignores_a_broken_slurm_environment(script: str) -> None:
+    cfg = config("--standalone", script, env={"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"})
+
+    assert cfg.standalone and cfg.max_nodes == 1
