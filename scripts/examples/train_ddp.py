@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import flashrun
+
 IN_FEATURES, HIDDEN, GLOBAL_BATCH = 32, 64, 64
 CHECKPOINT_NAME = "latest.pt"
 
@@ -36,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="rank 0 saves the final model state_dict here")
     parser.add_argument("--checkpoint-dir", default=None, help="where rank 0 keeps the latest checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--inject-hang", default=None, metavar="RANK:STEP",
+                        help="fault drill: RANK spins forever in Python at STEP, before the loss all-reduce")
     return parser.parse_args()
 
 
@@ -87,13 +91,17 @@ def main() -> None:
             print(f"resumed from step {state['step']}", flush=True)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    for step in range(first_step, args.steps):
+    hang_rank, hang_step = (int(part) for part in args.inject_hang.split(":")) if args.inject_hang else (-1, -1)
+    # Under flashrun the step loop reports progress; under torchrun it is a plain range().
+    for step in flashrun.steps(args.steps, start=first_step):
         x, y = batch(args.seed, step, rank, world_size, device)
         loss = nn.functional.mse_loss(ddp(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         mean_loss = loss.detach().clone()
+        while rank == hang_rank and step == hang_step:
+            pass  # a hang in Python: the peers wait in the all-reduce below
         dist.all_reduce(mean_loss)
         if rank == 0:
             print(f"step {step} loss {mean_loss.item() / world_size:.6f}", flush=True)
