@@ -30,6 +30,7 @@ from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
 from flashrun.agent.workers import ExitReport, WorkerGroup
 from flashrun.config import PROTOCOL_VERSION, Detection, Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
+from flashrun.worker.link import REPLACEMENT_ENV
 
 OUTPUT_DRAIN_S = 2.0
 """After workers exit, how long their last output may take to reach the console and files."""
@@ -186,6 +187,9 @@ class Agent:
                 elif kind == "start":
                     started = True
                     self._start_workers(message.start)
+                elif kind == "recover":
+                    started = True
+                    self._recover(message.recover)
                 elif kind == "stop":
                     self._stop_workers(signal.SIGTERM, kill_first=message.stop.kill_local_ranks)
                     self._outbox.put(pb.AgentMessage(
@@ -202,30 +206,57 @@ class Agent:
         self._stop_workers(signal.SIGTERM)
         config = self._config
         assert self._board is not None
-        self._board.new_generation(start.generation)
         if start.detection.heartbeat_interval_s > 0:
             self._heartbeat_interval_s = start.detection.heartbeat_interval_s
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
-            rank = start.rank_offset + local_rank
-            directory = attempt_dir(self._run_dir, start.generation, rank)
-            placement = WorkerPlacement(
-                local_rank=local_rank, local_world_size=config.nproc_per_node, rank_offset=start.rank_offset,
-                world_size=start.world_size, node_rank=start.node_rank, nnodes=start.nnodes,
-                generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
-                master_addr=start.master_addr or config.master_addr or self._endpoint.host,
-                master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
-                agent_socket=self._board.socket_path, heartbeat_interval_s=self._heartbeat_interval_s,
-            )
-            policy = OutputPolicy(
-                prefix=f"[rank{rank}]:".encode(), log_dir=config.log_dir,
-                redirect=config.redirects[local_rank], tee=config.tee[local_rank],
-                on_console=config.local_ranks_filter is None or local_rank in config.local_ranks_filter,
-            )
-            group.spawn(local_rank, [*config.entrypoint, *config.script_args], worker_env(self._env, placement),
-                        policy, placement.error_file)
+            self._spawn(group, start, local_rank, replacement=False)
         self._workers = group
         self._next_summary = time.monotonic() + self._heartbeat_interval_s
+
+    def _spawn(self, group: WorkerGroup, start: pb.StartWorkers, local_rank: int, replacement: bool) -> None:
+        config = self._config
+        assert self._board is not None
+        rank = start.rank_offset + local_rank
+        directory = attempt_dir(self._run_dir, start.generation, rank)
+        placement = WorkerPlacement(
+            local_rank=local_rank, local_world_size=config.nproc_per_node, rank_offset=start.rank_offset,
+            world_size=start.world_size, node_rank=start.node_rank, nnodes=start.nnodes,
+            generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
+            master_addr=start.master_addr or config.master_addr or self._endpoint.host,
+            master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
+            agent_socket=self._board.socket_path, heartbeat_interval_s=self._heartbeat_interval_s,
+        )
+        policy = OutputPolicy(
+            prefix=f"[rank{rank}]:".encode(), log_dir=config.log_dir,
+            redirect=config.redirects[local_rank], tee=config.tee[local_rank],
+            on_console=config.local_ranks_filter is None or local_rank in config.local_ranks_filter,
+        )
+        env = worker_env(self._env, placement)
+        if replacement:
+            env[REPLACEMENT_ENV] = repr(time.time())
+        group.spawn(local_rank, [*config.entrypoint, *config.script_args], env, policy, placement.error_file)
+
+    def _recover(self, recover: pb.Recover) -> None:
+        """In place: replace the faulty local workers, move the healthy ones to the new generation."""
+        assert self._board is not None
+        placement = recover.placement
+        if placement.detection.heartbeat_interval_s > 0:
+            self._heartbeat_interval_s = placement.detection.heartbeat_interval_s
+        if self._workers is None:  # a spare taking over a lost node: every local rank is a replacement
+            self._workers = WorkerGroup(recover.generation, self._events.put)
+            respawn = list(range(self._config.nproc_per_node))
+        else:
+            respawn = list(recover.respawn_local_ranks)
+        self._workers.generation = recover.generation
+        self._board.forget(self._workers.retire(respawn, self._config.timeouts.kill_wait_s))
+        for local_rank, pid in self._workers.pids_by_local_rank.items():
+            if local_rank not in respawn and not self._board.command(pid, recover.generation):
+                respawn.append(local_rank)  # not attached to the library: it cannot recover in place
+                self._board.forget(self._workers.retire([local_rank], self._config.timeouts.kill_wait_s))
+        for local_rank in sorted(respawn):
+            self._spawn(self._workers, placement, local_rank, replacement=True)
+        self._next_summary = time.monotonic()
 
     def _send_summary(self, now: float) -> None:
         """One message per node per interval, whatever the number of workers."""
@@ -240,6 +271,7 @@ class Agent:
         self._outbox.put(pb.AgentMessage(worker_exited=pb.WorkerExited(
             generation=report.generation, local_rank=report.local_rank, exit_code=report.exit_code,
             error_message=report.error_message, traceback=report.traceback, timestamp=report.timestamp,
+            pid=report.pid,
         )))
 
     def _stop_workers(self, signum: int, kill_first: Sequence[int] = ()) -> None:

@@ -1,9 +1,11 @@
-"""The agent's side of its workers' heartbeats: a gRPC service on a Unix socket and the latest beat per rank."""
+"""The agent's side of its workers' heartbeats: a gRPC service on a Unix socket, the latest beat per worker, and
+the command stream back to each worker (the new generation to move to)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -22,14 +24,15 @@ class LastBeat:
 
 
 class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
-    """Keeps each local rank's latest heartbeat of the current generation; serves the workers' streams."""
+    """Keeps each worker's latest heartbeat (keyed by PID, so a replaced worker's old beats never count)."""
 
     def __init__(self, socket_path: str, max_workers: int) -> None:
         self.socket_path = socket_path
         self._lock = threading.Lock()
         self._beats: dict[int, LastBeat] = {}
-        self._generation = -1
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + 2,
+        self._commands: dict[int, queue.SimpleQueue[pb.WorkerCommand | None]] = {}
+        # Two threads per attached worker (its stream and its beat reader), plus room for replacements.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_workers + 4,
                                                               thread_name_prefix="flashrun-beats"))
         pb_grpc.add_WorkerChannelServicer_to_server(self, self._server)
         if os.path.exists(socket_path):
@@ -37,25 +40,52 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
         self._server.add_insecure_port(f"unix:{socket_path}")
         self._server.start()
 
-    def new_generation(self, generation: int) -> None:
-        with self._lock:
-            self._generation = generation
-            self._beats.clear()
-
     def Attach(self, request_iterator: Iterator[pb.WorkerBeat], context: grpc.ServicerContext) -> Iterator[
             pb.WorkerCommand]:
-        for beat in request_iterator:
+        commands: queue.SimpleQueue[pb.WorkerCommand | None] = queue.SimpleQueue()
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        pid = first.pid
+        with self._lock:
+            self._commands[pid] = commands
+            self._beats[pid] = LastBeat(time.monotonic(), first)
+
+        def read() -> None:
+            try:
+                for beat in request_iterator:
+                    with self._lock:
+                        self._beats[pid] = LastBeat(time.monotonic(), beat)
+            except grpc.RpcError:
+                pass
             with self._lock:
-                if beat.generation == self._generation:
-                    self._beats[beat.local_rank] = LastBeat(time.monotonic(), beat)
-        return iter(())
+                self._commands.pop(pid, None)
+            commands.put(None)
+
+        threading.Thread(target=read, name="flashrun-beat-read", daemon=True).start()
+        while (command := commands.get()) is not None:
+            yield command
+
+    def command(self, pid: int, generation: int) -> bool:
+        """Tell one worker to move to `generation`; False if it is not attached (it has no library or died)."""
+        with self._lock:
+            commands = self._commands.get(pid)
+        if commands is None:
+            return False
+        commands.put(pb.WorkerCommand(generation=generation))
+        return True
+
+    def forget(self, pids: set[int]) -> None:
+        with self._lock:
+            for pid in pids:
+                self._beats.pop(pid, None)
 
     def summary(self, generation: int, pids: dict[int, int], now: float) -> pb.NodeSummary:
         with self._lock:
             beats = dict(self._beats)
         ranks = []
         for local_rank, pid in sorted(pids.items()):
-            last = beats.get(local_rank)
+            last = beats.get(pid)
             if last is None:
                 ranks.append(pb.RankProgress(local_rank=local_rank, pid=pid, step=-1, heartbeat_age_s=-1.0))
                 continue
@@ -63,10 +93,15 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
             ranks.append(pb.RankProgress(
                 local_rank=local_rank, pid=pid, step=beat.step, heartbeat_age_s=now - last.received_at,
                 in_collective=beat.in_collective, collective=beat.collective, collective_seq=beat.collective_seq,
+                generation=beat.generation, recoverable=beat.recoverable,
+                recovery=beat.recovery if beat.HasField("recovery") else None,
             ))
         return pb.NodeSummary(generation=generation, ranks=ranks)
 
     def close(self) -> None:
+        with self._lock:
+            for commands in self._commands.values():
+                commands.put(None)
         self._server.stop(grace=None)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)

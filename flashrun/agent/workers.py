@@ -39,6 +39,7 @@ class ExitReport:
     timestamp: float
     error_message: str = ""
     traceback: str = ""
+    pid: int = 0
 
 
 def read_error_file(path: str) -> tuple[str, str]:
@@ -62,10 +63,12 @@ class _Worker:
     error_file: str
     pumps: list[StreamPump]
     exited: threading.Event
+    retired: bool = False
+    """Replaced on purpose: its exit is expected and not reported."""
 
 
 class WorkerGroup:
-    """The workers of one generation on this node."""
+    """This node's workers. `generation` moves on with every in-place recovery; replaced workers are retired."""
 
     def __init__(self, generation: int, on_exit: Callable[[ExitReport], None]) -> None:
         self.generation = generation
@@ -73,12 +76,28 @@ class WorkerGroup:
         self._workers: list[_Worker] = []
 
     @property
+    def _current(self) -> list[_Worker]:
+        return [worker for worker in self._workers if not worker.retired]
+
+    @property
     def pids_by_local_rank(self) -> dict[int, int]:
-        return {worker.local_rank: worker.process.pid for worker in self._workers}
+        return {worker.local_rank: worker.process.pid for worker in self._current}
+
+    def retire(self, local_ranks: Sequence[int], kill_wait_s: float) -> set[int]:
+        """SIGKILL these workers (to be replaced) and wait for them to go; returns their PIDs."""
+        doomed = [worker for worker in self._current if worker.local_rank in local_ranks]
+        for worker in doomed:
+            worker.retired = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + kill_wait_s
+        for worker in doomed:
+            worker.exited.wait(max(0.0, deadline - time.monotonic()))
+        return {worker.process.pid for worker in doomed}
 
     def kill(self, local_ranks: Sequence[int]) -> None:
         """SIGKILL these workers' process groups now: they were found hung or frozen and will not heed SIGTERM."""
-        for worker in self._workers:
+        for worker in self._current:
             if worker.local_rank in local_ranks and not worker.exited.is_set():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(worker.process.pid, signal.SIGKILL)
@@ -112,7 +131,9 @@ class WorkerGroup:
         timestamp = time.time()
         message, traceback = read_error_file(worker.error_file) if code != 0 else ("", "")
         worker.exited.set()
-        self._on_exit(ExitReport(self.generation, worker.local_rank, code, timestamp, message, traceback))
+        if not worker.retired:
+            self._on_exit(ExitReport(self.generation, worker.local_rank, code, timestamp, message, traceback,
+                                     worker.process.pid))
 
     def stop(self, first_signal: int, grace_s: float, kill_wait_s: float, output_wait_s: float) -> list[int]:
         """Signal every worker's process group, SIGKILL what is left after `grace_s`; return surviving PIDs."""

@@ -41,6 +41,11 @@ class RankReport:
     in_collective: bool = False
     collective: str = ""
     collective_seq: int = 0
+    generation: int = 0
+    """The generation whose process group the rank has joined (and synchronised with, after a recovery)."""
+    recoverable: bool = False
+    recovery: dict[str, float] | None = None
+    """The rank's own measurements of its last in-place recovery."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,9 @@ class FailureDetector:
             return -1.0
         return state.report.heartbeat_age_s + (now - state.received_at)
 
+    def reports(self) -> dict[int, RankReport]:
+        return {rank: state.report for rank, state in self._ranks.items()}
+
     def last_report(self, rank: int) -> RankReport | None:
         state = self._ranks.get(rank)
         return state.report if state else None
@@ -132,9 +140,9 @@ class FailureDetector:
 
     # Decisions --------------------------------------------------------------------------------------------
 
-    def check(self, now: float) -> list[Detected]:
-        """Failures newly seen at `now`; each is reported once."""
-        found = self._lost_nodes(now) or self._unresponsive(now) or self._stalled(now)
+    def check(self, now: float, stalls: bool = True) -> list[Detected]:
+        """Failures newly seen at `now`; each is reported once. `stalls=False` while a recovery is under way."""
+        found = self._lost_nodes(now) or self._unresponsive(now) or (self._stalled(now) if stalls else [])
         self._update_stragglers(now)
         fresh = []
         for failure in found:

@@ -3,11 +3,16 @@
 No sockets, threads or clocks here: the gRPC server feeds it agent messages and ticks with the time, and
 carries out the commands it returns. Lifecycle:
 
-    RENDEZVOUS --(nnodes agents joined)--> RUNNING(g) --(a worker failed)--> STOPPING(g)
-    STOPPING(g) --(all agents stopped, restarts left)--> RUNNING(g+1)
-    STOPPING(g) --(no restarts left, or stop not confirmed in time)--> FAILED
+    RENDEZVOUS --(MIN agents joined)--> RUNNING(g)                 later agents, up to MAX, are spares
     RUNNING(g) --(every rank exited 0)--> SUCCEEDED
-    RUNNING/STOPPING --(a member agent disconnected)--> FAILED
+    In-place recovery, when every rank runs flashrun's step loop:
+    RUNNING(g) --(failure)--> RECOVERING(g+1): faulty ranks respawned, healthy ones move to g+1 in place
+    RECOVERING(g+1) --(every rank reports g+1)--> RUNNING(g+1)
+    RECOVERING(g+1) --(another failure, or ranks late past the deadline)--> RECOVERING(g+2)
+    Full restart, for scripts without the step loop (torchrun's semantics):
+    RUNNING(g) --(failure)--> STOPPING(g) --(all agents stopped, restarts left)--> RUNNING(g+1)
+    STOPPING(g) --(no restarts left, or stop not confirmed in time)--> FAILED
+    a member agent lost with no spare to take its place --> FAILED
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK
 class Phase(enum.Enum):
     RENDEZVOUS = "rendezvous"
     RUNNING = "running"
+    RECOVERING = "recovering"
     STOPPING = "stopping"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -42,6 +48,10 @@ class JobSpec:
     last_call_s: float
     stop_ack_s: float
     detection: Detection = Detection()
+    max_recoveries: int = 100
+    """In-place recoveries allowed before the job fails (full restarts count against max_restarts)."""
+    recovery_deadline_s: float = 30.0
+    """A rank that has not reached the new generation this long after a recovery began is replaced."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,11 @@ class WorkerExit:
     error_message: str = ""
     traceback: str = ""
     timestamp: float = 0.0
+    pid: int = 0
+
+
+EXIT_UNRECOVERABLE = 86
+"""A worker exits with this when no replica holds the lost state and it has no checkpoint: recovery cannot help."""
 
 
 # Commands the shell carries out.
@@ -108,7 +123,17 @@ class Shutdown:
     summary: str
 
 
-Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown
+@dataclasses.dataclass(frozen=True)
+class Recover:
+    agent_id: str
+    generation: int
+    respawn_local_ranks: tuple[int, ...]
+    assignment: NodeAssignment
+    world_size: int
+    nnodes: int
+
+
+Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown | Recover
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +197,6 @@ class Job:
         self.summary = ""
         self.failures: list[Failure] = []
         self._join_seq = 0
-        self._min_reached_at: float | None = None
         self._succeeded: set[tuple[str, int]] = set()
         self._stopped: set[str] = set()
         self._stop_deadline: float | None = None
@@ -180,6 +204,13 @@ class Job:
         self._lost_nodes: set[int] = set()
         self._stragglers: set[int] = set()
         self.detector: FailureDetector | None = None
+        self.recoveries = 0
+        self._recoverable_job = False
+        """Every rank has run flashrun's step loop: failures are recovered in place from then on."""
+        self._recovery_deadline: float | None = None
+        self._recovery_began: float | None = None
+        self._awaiting_step: tuple[int, float] | None = None
+        """After a recovery: (the step to complete, when the failure was detected), for the timeline."""
 
     @property
     def world_size(self) -> int:
@@ -202,20 +233,18 @@ class Job:
         member = Member(
             request.agent_id, request.hostname, request.requested_node_rank, request.local_world_size, self._join_seq
         )
-        if self.phase is not Phase.RENDEZVOUS or len(self.members) >= self.spec.max_nodes:
+        if self.phase is not Phase.RENDEZVOUS:
             self.spares[member.agent_id] = member
-            out.commands.append(MakeSpare(member.agent_id, "the job already has all the nodes it needs"))
+            out.commands.append(MakeSpare(member.agent_id, "the job already has all the nodes it needs; this node "
+                                                           "takes over if one is lost"))
             out.events.append(Event("spare_joined", self.generation, {"host": member.hostname}))
             return out
         self.members[member.agent_id] = member
         out.events.append(Event("agent_joined", self.generation, {"host": member.hostname, "agent": member.agent_id}))
-        if len(self.members) >= self.spec.min_nodes and self._min_reached_at is None:
-            self._min_reached_at = now
-        if len(self.members) == self.spec.max_nodes:
+        if len(self.members) == self.spec.min_nodes:
             self._start_first_generation(out, now)
         else:
-            needed = self.spec.min_nodes if len(self.members) < self.spec.min_nodes else self.spec.max_nodes
-            out.commands.extend(Wait(agent_id, len(self.members), needed) for agent_id in self.members)
+            out.commands.extend(Wait(agent_id, len(self.members), self.spec.min_nodes) for agent_id in self.members)
         return out
 
     def disconnect(self, agent_id: str, now: float) -> Output:
@@ -228,8 +257,6 @@ class Job:
             return out
         if self.phase is Phase.RENDEZVOUS:
             del self.members[agent_id]
-            if len(self.members) < self.spec.min_nodes:
-                self._min_reached_at = None
             out.events.append(Event("agent_left", self.generation, {"host": member.hostname}))
             return out
         assignment = self.assignments[agent_id]
@@ -237,9 +264,12 @@ class Job:
         failure = Failure("node_lost", ranks, assignment.node_rank, member.hostname,
                           f"the agent's connection on node {assignment.node_rank} ({member.hostname}) broke",
                           self.generation)
-        del self.members[agent_id]
         self._lost_nodes.add(assignment.node_rank)
         self._record_failure(out, failure)
+        if self.phase in (Phase.RUNNING, Phase.RECOVERING) and self._can_recover():
+            self._begin_recovery(out, now, set(failure.ranks), failure)
+            return out
+        del self.members[agent_id]
         self._fail(out, f"node {assignment.node_rank} ({member.hostname}) lost its agent; "
                         "the job cannot continue without it")
         return out
@@ -247,10 +277,14 @@ class Job:
     def worker_exited(self, agent_id: str, exit: WorkerExit, now: float) -> Output:
         out = Output()
         assignment = self.assignments.get(agent_id)
-        if assignment is None or exit.generation != self.generation or self.finished:
+        if assignment is None or self.finished:
+            return out
+        rank = assignment.rank_offset + exit.local_rank
+        known = self.detector.last_report(rank) if self.detector else None
+        # A worker spawned in an earlier generation still counts if it is the rank's current process.
+        if exit.generation != self.generation and not (known and exit.pid and known.pid == exit.pid):
             return out
         member = self.members[agent_id]
-        rank = assignment.rank_offset + exit.local_rank
         fields = {"rank": rank, "node": assignment.node_rank, "exit_code": exit.exit_code}
         if exit.exit_code == 0:
             self._succeeded.add((agent_id, exit.local_rank))
@@ -262,7 +296,7 @@ class Job:
                 out.events.append(Event("job_succeeded", self.generation, {"restarts": self.restarts}))
                 self._shutdown_all(out)
             return out
-        if self.phase is not Phase.RUNNING:
+        if self.phase not in (Phase.RUNNING, Phase.RECOVERING):
             return out  # exits after our own stop command are expected, not failures
         failure = Failure(
             "crash", (rank,), assignment.node_rank, member.hostname, "", self.generation, local_rank=exit.local_rank,
@@ -270,7 +304,10 @@ class Job:
         )
         failure = dataclasses.replace(failure, evidence=failure.describe())
         self._record_failure(out, failure)
-        self._stop_all(out, now, failure)
+        if exit.exit_code == EXIT_UNRECOVERABLE:
+            self._fail(out, f"rank {rank} found no replica holding the lost state and no checkpoint")
+        else:
+            self._handle_failure(out, now, set(failure.ranks), failure)
         return out
 
     def node_summary(self, agent_id: str, generation: int, reports: list[RankReport], now: float) -> Output:
@@ -282,7 +319,21 @@ class Job:
             dataclasses.replace(r, rank=assignment.rank_offset + r.local_rank, node_rank=assignment.node_rank)
             for r in reports
         ], now)
-        return Output()
+        out = Output()
+        reports_now = self.detector.reports()
+        if self.phase is Phase.RUNNING and not self._recoverable_job and len(reports_now) == self.world_size \
+                and all(r.recoverable for r in reports_now.values()):
+            self._recoverable_job = True
+            out.events.append(Event("recoverable", self.generation, {}))
+        if self.phase is Phase.RECOVERING and len(reports_now) == self.world_size \
+                and all(r.generation == self.generation for r in reports_now.values()):
+            self._complete_recovery(out, now, reports_now)
+        elif self._awaiting_step is not None and self.detector.job_step >= self._awaiting_step[0]:
+            step, detected_at = self._awaiting_step
+            self._awaiting_step = None
+            out.events.append(Event("recovery_phase", self.generation, {
+                "phase": "first_step", "step": step, "since_detection_s": round(now - detected_at, 4)}))
+        return out
 
     def workers_stopped(self, agent_id: str, generation: int, now: float) -> Output:
         out = Output()
@@ -307,19 +358,29 @@ class Job:
 
     def tick(self, now: float) -> Output:
         out = Output()
-        if (
-            self.phase is Phase.RENDEZVOUS
-            and self._min_reached_at is not None
-            and now - self._min_reached_at >= self.spec.last_call_s
-        ):
-            self._start_first_generation(out, now)
-        elif self.phase is Phase.RUNNING and self.detector is not None:
-            detected = self.detector.check(now)
-            self._note_stragglers(out)
+        if self.phase in (Phase.RUNNING, Phase.RECOVERING) and self.detector is not None:
+            detected = self.detector.check(now, stalls=self.phase is Phase.RUNNING)
+            if self.phase is Phase.RUNNING:
+                self._note_stragglers(out)
+            ranks: set[int] = set()
             for found in detected:
-                self._record_failure(out, self._from_detected(found))
+                if found.kind == "node_lost" and found.node_rank is not None:
+                    self._lost_nodes.add(found.node_rank)
+                failure = self._from_detected(found)
+                self._record_failure(out, failure)
+                ranks.update(failure.ranks)
             if detected:
-                self._stop_all(out, now, self.failures[-1])
+                self._handle_failure(out, now, ranks, self.failures[-1])
+            elif self.phase is Phase.RECOVERING and self._recovery_deadline is not None \
+                    and now >= self._recovery_deadline:
+                reports = self.detector.reports()
+                late = {r for r in range(self.world_size)
+                        if r not in reports or reports[r].generation != self.generation}
+                failure = Failure("escalated", tuple(sorted(late)), None, "",
+                                  f"ranks {sorted(late)} did not reach generation {self.generation} within "
+                                  f"{self.spec.recovery_deadline_s:g} s: replacing them", self.generation)
+                self._record_failure(out, failure)
+                self._begin_recovery(out, now, late, failure)
         elif self.phase is Phase.STOPPING and self._stop_deadline is not None and now >= self._stop_deadline:
             missing = sorted(self.members[a].hostname for a in set(self.members) - self._stopped)
             self._fail(out, f"agents on {', '.join(missing)} did not confirm their workers stopped "
@@ -346,11 +407,14 @@ class Job:
             return "wrong token: give every node the same --token-file or FLASHRUN_TOKEN"
         if request.agent_id in self.members or request.agent_id in self.spares:
             return f"agent {request.agent_id} already joined"
+        if len(self.members) + len(self.spares) >= self.spec.max_nodes:
+            return (f"the job already has {self.spec.max_nodes} nodes (--nnodes {self.spec.min_nodes}:"
+                    f"{self.spec.max_nodes}: {self.spec.min_nodes} working, the rest spares); raise MAX to add spares")
         requested = request.requested_node_rank
         if requested is not None and self.phase is Phase.RENDEZVOUS:
-            if requested >= self.spec.max_nodes:
-                last = self.spec.max_nodes - 1
-                return f"--node-rank {requested} is outside 0..{last}: the job has at most {self.spec.max_nodes} nodes"
+            if requested >= self.spec.min_nodes:
+                last = self.spec.min_nodes - 1
+                return f"--node-rank {requested} is outside 0..{last}: the job runs on {self.spec.min_nodes} nodes"
             for other in self.members.values():
                 if other.requested_node_rank == requested:
                     return (f"node rank {requested} is already taken by {other.hostname} "
@@ -371,6 +435,78 @@ class Job:
         }
         self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
+
+    def _can_recover(self) -> bool:
+        return self._recoverable_job and self.recoveries < self.spec.max_recoveries
+
+    def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
+        if self._can_recover() and ranks:
+            self._begin_recovery(out, now, ranks, cause)
+        elif self.phase is Phase.RECOVERING:
+            self._fail(out, f"{cause.describe()}; no in-place recoveries are left "
+                            f"(max {self.spec.max_recoveries})")
+        else:
+            self._stop_all(out, now, cause)
+
+    def _begin_recovery(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
+        """Replace `ranks` and move every healthy rank to a new generation, keeping its process."""
+        for node_rank in sorted(self._lost_nodes):
+            lost = next((a for a, asg in self.assignments.items() if asg.node_rank == node_rank), None)
+            if lost is None:
+                continue
+            host = self.members[lost].hostname
+            spare = next((a for a, m in self.spares.items()
+                          if m.local_world_size == self.assignments[lost].local_world_size), None)
+            if spare is None:
+                self._fail(out, f"node {node_rank} ({host}) was lost and no spare agent can take its place; start "
+                                "the job with --nnodes MIN:MAX and more agents than MIN")
+                return
+            self.members[spare] = self.spares.pop(spare)
+            self.assignments[spare] = self.assignments.pop(lost)
+            del self.members[lost]
+            out.commands.append(Shutdown(lost, EXIT_JOB_FAILED, f"node {node_rank} was replaced by a spare"))
+            out.events.append(Event("spare_takes_over", self.generation + 1, {
+                "node": node_rank, "host": self.members[spare].hostname, "lost_host": host}))
+        self._lost_nodes.clear()
+        self.generation += 1
+        self.recoveries += 1
+        self.phase = Phase.RECOVERING
+        self._recovery_deadline = now + self.spec.recovery_deadline_s
+        if self._recovery_began is None:
+            self._recovery_began = now
+        self._awaiting_step = None
+        self._succeeded.clear()
+        self._failed_ranks.clear()
+        self._stragglers.clear()
+        out.events.append(Event("recovery_started", self.generation, {
+            "kind": cause.kind, "ranks": sorted(ranks), "cause": cause.describe(), "recoveries": self.recoveries}))
+        ranks_by_node = {
+            a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
+        }
+        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
+        for agent_id, a in self.assignments.items():
+            local = tuple(r - a.rank_offset for r in sorted(ranks) if a.rank_offset <= r < a.rank_offset
+                          + a.local_world_size)
+            out.commands.append(Recover(agent_id, self.generation, local, a, self.world_size, len(self.assignments)))
+
+    def _complete_recovery(self, out: Output, now: float, reports: dict[int, RankReport]) -> None:
+        assert self._recovery_began is not None
+        done = [r.recovery for r in reports.values() if r.recovery and r.recovery.get("generation") == self.generation]
+
+        def longest(field: str) -> float:
+            return round(max((d.get(field, 0.0) for d in done), default=0.0), 4)
+
+        resume = int(max((d.get("resume_step", -1) for d in done), default=-1))
+        phases = {"abort_s": longest("abort_s"), "respawn_s": longest("start_s"), "rebuild_s": longest("rebuild_s"),
+                  "sync_s": longest("sync_s")}
+        for phase, duration in phases.items():
+            out.events.append(Event("recovery_phase", self.generation, {"phase": phase[:-2], "duration_s": duration}))
+        out.events.append(Event("recovered", self.generation, {
+            "since_detection_s": round(now - self._recovery_began, 4), "resume_step": resume, **phases}))
+        self.phase = Phase.RUNNING
+        self._recovery_deadline = None
+        self._awaiting_step = (resume, self._recovery_began)
+        self._recovery_began = None
 
     def _record_failure(self, out: Output, failure: Failure) -> None:
         self.failures.append(failure)
@@ -428,6 +564,8 @@ class Job:
                     state = "succeeded"
                 elif self.phase is Phase.STOPPING:
                     state = "stopping"
+                elif self.phase is Phase.RECOVERING:
+                    state = "ready" if report and report.generation == self.generation else "recovering"
                 elif self.phase is Phase.RUNNING:
                     state = "straggler" if rank in self._stragglers else "running"
                 else:
@@ -440,7 +578,8 @@ class Job:
                 })
         return {
             "run_id": self.spec.run_id, "phase": self.phase.value, "generation": self.generation,
-            "restarts": self.restarts, "world_size": self.world_size, "nnodes": len(self.assignments),
+            "restarts": self.restarts, "recoveries": self.recoveries, "world_size": self.world_size,
+            "nnodes": len(self.assignments),
             "spares": len(self.spares), "ranks": ranks,
         }
 

@@ -174,7 +174,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             exited = message.worker_exited
             return self._job.worker_exited(agent_id, jobs.WorkerExit(
                 exited.generation, exited.local_rank, exited.exit_code, exited.error_message, exited.traceback,
-                exited.timestamp,
+                exited.timestamp, exited.pid,
             ), now)
         if kind == "workers_stopped":
             return self._job.workers_stopped(agent_id, message.workers_stopped.generation, now)
@@ -183,7 +183,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             reports = [
                 RankReport(rank=-1, node_rank=-1, local_rank=r.local_rank, pid=r.pid, step=r.step,
                            heartbeat_age_s=r.heartbeat_age_s, in_collective=r.in_collective, collective=r.collective,
-                           collective_seq=r.collective_seq)
+                           collective_seq=r.collective_seq, generation=r.generation, recoverable=r.recoverable,
+                           recovery=_recovery_fields(r.recovery) if r.HasField("recovery") else None)
                 for r in summary.ranks
             ]
             return self._job.node_summary(agent_id, summary.generation, reports, now)
@@ -230,6 +231,13 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             elif isinstance(command, jobs.Stop):
                 self._send(command.agent_id, pb.CoordinatorMessage(stop=pb.StopWorkers(
                     generation=command.generation, kill_local_ranks=command.kill_local_ranks)))
+            elif isinstance(command, jobs.Recover):
+                a = command.assignment
+                self._send(command.agent_id, pb.CoordinatorMessage(recover=pb.Recover(
+                    generation=command.generation, respawn_local_ranks=command.respawn_local_ranks,
+                    placement=self._placement(command.generation, a.node_rank, a.rank_offset, command.world_size,
+                                              command.nnodes, self._stores[-1].port),
+                )))
             elif isinstance(command, jobs.Shutdown):
                 self._send(command.agent_id, pb.CoordinatorMessage(
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
@@ -243,13 +251,19 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 self._apply(self._job.abort(f"cannot host the workers' TCPStore: {err}"))
                 return
         self._stores.append(store)  # the previous generation's store stays until this one is in use
-        for agent_id, assignment in command.assignments.items():
-            self._send(agent_id, pb.CoordinatorMessage(start=pb.StartWorkers(
-                generation=command.generation, node_rank=assignment.node_rank, nnodes=command.nnodes,
-                world_size=command.world_size, rank_offset=assignment.rank_offset, master_addr="",
-                master_port=store.port, max_restarts=self._job.spec.max_restarts,
-                detection=pb.Detection(heartbeat_interval_s=self._job.spec.detection.heartbeat_interval_s),
-            )))
+        for agent_id, a in command.assignments.items():
+            self._send(agent_id, pb.CoordinatorMessage(start=self._placement(
+                command.generation, a.node_rank, a.rank_offset, command.world_size, command.nnodes, store.port)))
+
+    def _placement(self, generation: int, node_rank: int, rank_offset: int, world_size: int, nnodes: int,
+                   store_port: int) -> pb.StartWorkers:
+        # An in-place recovery keeps the store: healthy workers keep their connection, on a new key namespace.
+        return pb.StartWorkers(
+            generation=generation, node_rank=node_rank, nnodes=nnodes, world_size=world_size,
+            rank_offset=rank_offset, master_addr="", master_port=store_port,
+            max_restarts=self._job.spec.max_restarts,
+            detection=pb.Detection(heartbeat_interval_s=self._job.spec.detection.heartbeat_interval_s),
+        )
 
     def _send(self, agent_id: str, message: pb.CoordinatorMessage) -> None:
         outbox = self._outboxes.get(agent_id)
@@ -260,6 +274,10 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         outbox = self._outboxes.pop(agent_id, None)
         if outbox is not None:
             outbox.put(None)
+
+
+def _recovery_fields(recovery: pb.Recovery) -> dict[str, float]:
+    return {field.name: float(value) for field, value in recovery.ListFields()}
 
 
 def _drain(outbox: queue.SimpleQueue[pb.CoordinatorMessage | None]) -> Iterator[pb.CoordinatorMessage]:

@@ -16,6 +16,7 @@ TRACKED = (
     "scatter", "monitored_barrier",
 )
 _MARK = "__flashrun_tracked__"
+_originals: dict[str, Callable[..., Any]] = {}
 
 
 def _tracked(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,4 +39,12 @@ def track_collectives() -> None:
     for name in TRACKED:
         function = getattr(dist, name, None)
         if function is not None and not getattr(function, _MARK, False):
+            _originals[name] = function
             setattr(dist, name, _tracked(name, function))
+
+
+def untracked(name: str) -> Callable[..., Any]:
+    """The collective itself, for the library's own calls that mark themselves."""
+    import torch.distributed as dist
+
+    return _originals.get(name) or getattr(dist, name)

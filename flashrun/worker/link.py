@@ -6,18 +6,21 @@ anywhere else, so the same script runs under torchrun or plain python.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flashrun.config import Detection
 
 AGENT_SOCKET_ENV = "FLASHRUN_AGENT_SOCKET"
 HEARTBEAT_INTERVAL_ENV = "FLASHRUN_HEARTBEAT_INTERVAL"
+REPLACEMENT_ENV = "FLASHRUN_REPLACEMENT"
+"""Set (to the spawn's Unix time) on a worker started in place of a failed one: it must fetch state from a replica."""
 
 
 class AgentLink:
-    def __init__(self, socket_path: str, interval_s: float, local_rank: int, generation: int) -> None:
+    def __init__(self, socket_path: str, interval_s: float, local_rank: int) -> None:
         # Set before gRPC loads: a script that forks (DataLoader workers) must not run gRPC's fork handlers.
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         import grpc
@@ -28,8 +31,10 @@ class AgentLink:
         self._pb = pb
         self._interval_s = interval_s
         self._local_rank = local_rank
-        self._generation = generation
         self._closed = threading.Event()
+        self.on_command: Callable[[int], None] | None = None
+        self._early_commands: list[int] = []
+        self._handler_lock = threading.Lock()
         self._channel = grpc.insecure_channel(f"unix:{socket_path}")
         self._stub = pb_grpc.WorkerChannelStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="flashrun-heartbeat", daemon=True)
@@ -40,10 +45,12 @@ class AgentLink:
 
         pid = os.getpid()
         while True:
+            report = progress.recovery
             yield self._pb.WorkerBeat(
-                local_rank=self._local_rank, generation=self._generation, pid=pid, step=progress.step,
+                local_rank=self._local_rank, generation=progress.generation, pid=pid, step=progress.step,
                 in_collective=bool(progress.collective), collective=progress.collective,
-                collective_seq=progress.collective_seq,
+                collective_seq=progress.collective_seq, recoverable=progress.recoverable,
+                recovery=self._pb.Recovery(**dataclasses.asdict(report)) if report else None,
             )
             if self._closed.wait(self._interval_s):
                 return
@@ -52,10 +59,23 @@ class AgentLink:
         import grpc
 
         try:
-            for _command in self._stub.Attach(self._beats(), wait_for_ready=True):
-                pass  # commands arrive in a later protocol version
+            for command in self._stub.Attach(self._beats(), wait_for_ready=True):
+                with self._handler_lock:
+                    handler = self.on_command
+                    if handler is None:
+                        self._early_commands.append(command.generation)
+                if handler is not None:
+                    handler(command.generation)
         except grpc.RpcError:
             pass  # the agent is gone; it takes this process down with it (PR_SET_PDEATHSIG)
+
+    def set_command_handler(self, handler: Callable[[int], None]) -> None:
+        """`handler(generation)` runs on the link's thread for each new generation the coordinator commands."""
+        with self._handler_lock:
+            self.on_command = handler
+            early, self._early_commands = self._early_commands, []
+        for generation in early:
+            handler(generation)
 
     def close(self) -> None:
         self._closed.set()
@@ -75,6 +95,5 @@ def attach_if_launched() -> AgentLink | None:
         _link = AgentLink(
             socket_path, float(os.environ.get(HEARTBEAT_INTERVAL_ENV, Detection.heartbeat_interval_s)),
             int(os.environ.get("LOCAL_RANK", "0")),
-            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         )
     return _link

@@ -22,7 +22,6 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import flashrun
 
@@ -68,12 +67,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if torch.cuda.is_available():
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    run = flashrun.init()  # the process group: nccl with CUDA, else gloo
+    device = run.device
     torch.use_deterministic_algorithms(True)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
@@ -89,11 +84,12 @@ def main() -> None:
         first_step = state["step"] + 1
         if rank == 0:
             print(f"resumed from step {state['step']}", flush=True)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = run.ddp(model)
+    run.track(model=model, optimizer=optimizer)
 
     hang_rank, hang_step = (int(part) for part in args.inject_hang.split(":")) if args.inject_hang else (-1, -1)
-    # Under flashrun the step loop reports progress; under torchrun it is a plain range().
-    for step in flashrun.steps(args.steps, start=first_step):
+    # Under flashrun the loop recovers from failures in place; under torchrun it is a plain range().
+    for step in run.steps(args.steps, start=first_step):
         x, y = batch(args.seed, step, rank, world_size, device)
         loss = nn.functional.mse_loss(ddp(x), y)
         optimizer.zero_grad()
@@ -102,7 +98,7 @@ def main() -> None:
         mean_loss = loss.detach().clone()
         while rank == hang_rank and step == hang_step:
             pass  # a hang in Python: the peers wait in the all-reduce below
-        dist.all_reduce(mean_loss)
+        run.all_reduce(mean_loss)
         if rank == 0:
             print(f"step {step} loss {mean_loss.item() / world_size:.6f}", flush=True)
         if args.step_time > 0:
