@@ -23,6 +23,7 @@ from flashrun.config import (
     Detection,
     Endpoint,
     LaunchConfig,
+    Timeouts,
     cpu_count,
     parse_detection,
     parse_endpoint,
@@ -89,7 +90,7 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
          help="Accepted for torchrun compatibility; flashrun's coordinator is always the backend.")
 @_option("--rdzv-endpoint", default="", help="HOST[:PORT] of the coordinator (port 29400 if omitted).")
 @_option("--rdzv-id", default="none", show_default=True, help="Run id, the same on every node.")
-@_option("--rdzv-conf", default="", help="KEY=VALUE,...: join_timeout, last_call_timeout (seconds).")
+@_option("--rdzv-conf", default="", help="KEY=VALUE,...: join_timeout (seconds).")
 @click.option("--standalone", is_flag=True, help="Single node, coordinator on loopback, random port and run id.")
 @_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
          help="Full restarts of all workers after a failure before the job fails.")
@@ -256,7 +257,6 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
 @click.option("--bind", "bind", required=True, help="HOST:PORT to listen on; agents use it as --rdzv-endpoint.")
 @_option("--nnodes", default="1", show_default=True, help="N or MIN:MAX nodes the job needs.")
 @_option("--rdzv-id", default="none", show_default=True, help="Run id; agents must give the same.")
-@_option("--rdzv-conf", default="", help="KEY=VALUE,...: last_call_timeout (seconds).")
 @_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
          help="Full restarts of all workers after a failure before the job fails.")
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
@@ -272,11 +272,11 @@ def coordinator(**options: object) -> None:
     try:
         min_nodes, max_nodes = parse_nnodes(str(options["nnodes"]))
         bind = parse_endpoint(str(options["bind"]), DEFAULT_RDZV_PORT)
-        timeouts = timeouts_from_rdzv_conf(parse_rdzv_conf(str(options["rdzv_conf"])), None)
+        timeouts = Timeouts()
         spec = JobSpec(
             run_id=str(options["rdzv_id"]), token=resolve_token(options["token_file"], os.environ, False),  # type: ignore[arg-type]
             min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
-            last_call_s=timeouts.last_call_s, stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
+            stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)

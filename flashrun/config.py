@@ -27,8 +27,6 @@ class Timeouts:
 
     join_s: float = 600.0
     """An agent's wait for the coordinator and for the rendezvous to complete (torchrun's join_timeout)."""
-    last_call_s: float = 30.0
-    """With --nnodes MIN:MAX, how long after MIN nodes joined the rendezvous waits for more (torchrun's)."""
     stop_grace_s: float = 30.0
     """SIGTERM to SIGKILL escalation when workers are stopped (torchrun's --shutdown-timeout default)."""
     kill_wait_s: float = 5.0
@@ -154,7 +152,8 @@ def parse_rdzv_conf(value: str) -> dict[str, str]:
 
 
 def timeouts_from_rdzv_conf(conf: Mapping[str, str], shutdown_timeout_s: float | None) -> Timeouts:
-    known = {"join_timeout": "join_s", "last_call_timeout": "last_call_s"}
+    # torchrun's last_call_timeout has no meaning here: the job starts once MIN nodes joined (more are spares).
+    known = {"join_timeout": "join_s"}
     unknown = sorted(set(conf) - set(known) - {"timeout", "read_timeout", "is_host"})
     if unknown:
         raise FlashrunError(

@@ -6,6 +6,8 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2  # click's code for usage errors too
 EXIT_SIGNAL_BASE = 128  # the shell's convention: 128 + signal number
+EXIT_UNRECOVERABLE = 86
+"""A worker exits with this when no replica holds the lost state and it has no checkpoint: recovery cannot help."""
 
 
 class FlashrunError(Exception):

@@ -155,7 +155,7 @@ def _host_coordinator(
 ) -> CoordinatorServer | None:
     spec = JobSpec(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
-        max_restarts=config.max_restarts, last_call_s=config.timeouts.last_call_s,
+        max_restarts=config.max_restarts,
         stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection,
     )
     store_host = config.master_addr or endpoint.host

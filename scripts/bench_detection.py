@@ -531,7 +531,13 @@ def overhead_run(launcher: str, index: int, root: Path, args: argparse.Namespace
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(15)
         proc.wait_until(lambda: proc._open == 0, time.monotonic() + 3)
-        timed = [(step, t) for step, t in proc.step_lines() if step >= args.warmup_steps]
+        # Only the first pass up to the last step counts: a recovery after it could print steps again.
+        timed: list[tuple[int, float]] = []
+        for step, t in proc.step_lines():
+            if step >= args.warmup_steps and (not timed or step > timed[-1][0]):
+                timed.append((step, t))
+            if step == steps - 1:
+                break
         (s0, t0), (s1, t1) = timed[0], timed[-1]
         rate = (s1 - s0) / (t1 - t0) if t1 > t0 else None
         code = proc.popen.poll()
@@ -607,6 +613,9 @@ def report(results: list[Result], overhead: list[Throughput], args: argparse.Nam
                 f"(runs {runs['torchrun']}); overhead {loss:+.2f} % "
                 f"(target ≤ 1 %: {'met' if loss <= 1 else 'not met'})."
             )
+        elif rates["flashrun"]:
+            out.append(f"Overhead: flashrun median {statistics.median(rates['flashrun']):.1f} steps/s "
+                       f"(runs {runs['flashrun']}); no torchrun baseline (skipped or failed).")
         else:
             out.append("Overhead: not measured (runs failed; see above).")
     return "\n".join(out)
@@ -658,7 +667,7 @@ def machine_header(argv: Sequence[str], source: str) -> list[str]:
     except importlib.metadata.PackageNotFoundError:
         torch_version = "not installed"
     return [
-        f"Command: {shlex.join([sys.executable, *argv])}",
+        f"Command (in {os.getcwd()}): {shlex.join([sys.executable, *argv])}",
         f"Machine: {cpus} CPUs (nproc) {model}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
         f"Python {platform.python_version()}, torch {torch_version}",
         f"flashrun benchmarked: {source}",

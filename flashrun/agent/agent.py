@@ -7,7 +7,6 @@ Events come from the coordinator's stream (a reader thread), from worker exit wa
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import queue
 import shutil
@@ -32,6 +31,8 @@ from flashrun.config import PROTOCOL_VERSION, Detection, Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
 from flashrun.worker.link import REPLACEMENT_ENV
 
+JOIN_POLL_S = 0.5
+"""Before the job starts, how often the agent checks its join deadline."""
 OUTPUT_DRAIN_S = 2.0
 """After workers exit, how long their last output may take to reach the console and files."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -68,7 +69,8 @@ class Agent:
         self._workers: WorkerGroup | None = None
         self._board: HeartbeatBoard | None = None
         self._heartbeat_interval_s = Detection.heartbeat_interval_s
-        self._next_summary = math.inf
+        self._summary_now = threading.Event()
+        self._finished = threading.Event()
         self._env = launcher_env(config.base_env, config.nproc_per_node)
         self.agent_id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -94,8 +96,11 @@ class Agent:
             responses = stub.Connect(self._requests())
             threading.Thread(target=self._read_coordinator, args=(responses,), name="flashrun-agent-read",
                              daemon=True).start()
+            threading.Thread(target=self._summarise, name="flashrun-agent-summary", daemon=True).start()
             return self._loop()
         finally:
+            self._finished.set()
+            self._summary_now.set()
             self._outbox.put(None)
             channel.close()
             if self._board is not None:
@@ -150,12 +155,8 @@ class Agent:
         started = False
         spare = False
         while True:
-            now = time.monotonic()
-            if now >= self._next_summary:
-                self._send_summary(now)
             try:
-                wait = min(self._next_summary - now, 0.5) if not started else self._next_summary - now
-                event = self._events.get(timeout=None if wait == math.inf else max(0.0, wait))
+                event = self._events.get(timeout=None if started else JOIN_POLL_S)
             except queue.Empty:
                 if not started and not spare and time.monotonic() >= join_deadline:
                     raise FlashrunError(
@@ -212,7 +213,7 @@ class Agent:
         for local_rank in range(config.nproc_per_node):
             self._spawn(group, start, local_rank, replacement=False)
         self._workers = group
-        self._next_summary = time.monotonic() + self._heartbeat_interval_s
+        self._summary_now.set()
 
     def _spawn(self, group: WorkerGroup, start: pb.StartWorkers, local_rank: int, replacement: bool) -> None:
         config = self._config
@@ -256,16 +257,19 @@ class Agent:
                 self._board.forget(self._workers.retire([local_rank], self._config.timeouts.kill_wait_s))
         for local_rank in sorted(respawn):
             self._spawn(self._workers, placement, local_rank, replacement=True)
-        self._next_summary = time.monotonic()
+        self._summary_now.set()
 
-    def _send_summary(self, now: float) -> None:
-        """One message per node per interval, whatever the number of workers."""
-        if self._workers is None or self._board is None:
-            self._next_summary = math.inf
-            return
-        summary = self._board.summary(self._workers.generation, self._workers.pids_by_local_rank, now)
-        self._outbox.put(pb.AgentMessage(summary=summary))
-        self._next_summary = now + self._heartbeat_interval_s
+    def _summarise(self) -> None:
+        """One message per node per interval, whatever the number of workers. Its own thread: a main loop busy
+        stopping or spawning workers must not make them look silent."""
+        while not self._finished.is_set():
+            self._summary_now.wait(self._heartbeat_interval_s)
+            self._summary_now.clear()
+            workers, board = self._workers, self._board
+            if workers is None or board is None or self._finished.is_set():
+                continue
+            summary = board.summary(workers.generation, workers.pids_by_local_rank, time.monotonic())
+            self._outbox.put(pb.AgentMessage(summary=summary))
 
     def _report_exit(self, report: ExitReport) -> None:
         self._outbox.put(pb.AgentMessage(worker_exited=pb.WorkerExited(
@@ -283,4 +287,3 @@ class Agent:
         if survivors:
             say(f"worker PIDs {survivors} did not exit after SIGKILL within {timeouts.kill_wait_s:g} s")
         self._workers = None
-        self._next_summary = math.inf

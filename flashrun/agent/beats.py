@@ -93,7 +93,7 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
             ranks.append(pb.RankProgress(
                 local_rank=local_rank, pid=pid, step=beat.step, heartbeat_age_s=now - last.received_at,
                 in_collective=beat.in_collective, collective=beat.collective, collective_seq=beat.collective_seq,
-                generation=beat.generation, recoverable=beat.recoverable,
+                generation=beat.generation, recoverable=beat.recoverable, finished=beat.finished,
                 recovery=beat.recovery if beat.HasField("recovery") else None,
             ))
         return pb.NodeSummary(generation=generation, ranks=ranks)

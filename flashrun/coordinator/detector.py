@@ -46,6 +46,8 @@ class RankReport:
     recoverable: bool = False
     recovery: dict[str, float] | None = None
     """The rank's own measurements of its last in-place recovery."""
+    finished: bool = False
+    """The rank's step loop is over: it may go quiet while it exits (its exit is reported by the agent)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,7 @@ class FailureDetector:
         self.settings = settings
         self._started_at = now
         self._node_seen: dict[int, float] = {node: now for node in ranks_by_node}
+        self._node_ranks = {node: tuple(ranks) for node, ranks in ranks_by_node.items()}
         self._ranks: dict[int, _RankState] = {}
         self._job_step = -1
         self._job_step_at = now
@@ -155,18 +158,19 @@ class FailureDetector:
     def _lost_nodes(self, now: float) -> list[Detected]:
         timeout = self.settings.node_timeout_s
         return [
-            Detected("node_lost", tuple(sorted(s.report.rank for s in self._ranks.values()
-                                               if s.report.node_rank == node)), node,
+            Detected("node_lost", self._node_ranks[node], node,
                      f"no summary from node {node} for {now - seen:.2f} s (timeout {timeout:g} s)")
             for node, seen in sorted(self._node_seen.items()) if now - seen > timeout
         ]
 
     def _unresponsive(self, now: float) -> list[Detected]:
+        # Judged on the age the agent measured, not extrapolated: if the agent's summaries are late, the node is
+        # suspect (node_lost, after its own timeout), not each of its workers.
         timeout = self.settings.heartbeat_timeout_s
         found = []
         for rank, state in sorted(self._ranks.items()):
-            age = self.heartbeat_age_s(rank, now)
-            if age > timeout:
+            age = state.report.heartbeat_age_s
+            if age > timeout and not state.report.finished:
                 found.append(Detected("unresponsive", (rank,), state.report.node_rank,
                                       f"no heartbeat from rank {rank} (pid {state.report.pid}) for {age:.2f} s "
                                       f"(timeout {timeout:g} s); last completed step {state.report.step}"))
@@ -174,8 +178,8 @@ class FailureDetector:
 
     def _stalled(self, now: float) -> list[Detected]:
         tracked = {rank: s.report for rank, s in self._ranks.items() if s.report.heartbeat_age_s >= 0}
-        if not tracked:
-            return []
+        if not tracked or any(report.finished for report in tracked.values()):
+            return []  # the loop is over somewhere: the others are finishing too, not stalled
         idle = now - self._job_step_at
         threshold = self.stall_threshold_s()
         if idle <= threshold:

@@ -26,7 +26,7 @@ from typing import Any
 from flashrun.config import PROTOCOL_VERSION, Detection
 from flashrun.coordinator.detector import Detected, FailureDetector, RankReport
 from flashrun.coordinator.ranks import Member, NodeAssignment, assign_ranks
-from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK
+from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNRECOVERABLE
 
 
 class Phase(enum.Enum):
@@ -45,7 +45,6 @@ class JobSpec:
     min_nodes: int
     max_nodes: int
     max_restarts: int
-    last_call_s: float
     stop_ack_s: float
     detection: Detection = Detection()
     max_recoveries: int = 100
@@ -75,10 +74,6 @@ class WorkerExit:
     traceback: str = ""
     timestamp: float = 0.0
     pid: int = 0
-
-
-EXIT_UNRECOVERABLE = 86
-"""A worker exits with this when no replica holds the lost state and it has no checkpoint: recovery cannot help."""
 
 
 # Commands the shell carries out.
@@ -205,6 +200,8 @@ class Job:
         self._stragglers: set[int] = set()
         self.detector: FailureDetector | None = None
         self.recoveries = 0
+        self._pids: dict[int, int] = {}
+        """Each rank's current process, across generations (a recovery keeps most of them)."""
         self._recoverable_job = False
         """Every rank has run flashrun's step loop: failures are recovered in place from then on."""
         self._recovery_deadline: float | None = None
@@ -280,9 +277,8 @@ class Job:
         if assignment is None or self.finished:
             return out
         rank = assignment.rank_offset + exit.local_rank
-        known = self.detector.last_report(rank) if self.detector else None
         # A worker spawned in an earlier generation still counts if it is the rank's current process.
-        if exit.generation != self.generation and not (known and exit.pid and known.pid == exit.pid):
+        if exit.generation != self.generation and not (exit.pid and self._pids.get(rank) == exit.pid):
             return out
         member = self.members[agent_id]
         fields = {"rank": rank, "node": assignment.node_rank, "exit_code": exit.exit_code}
@@ -321,6 +317,7 @@ class Job:
         ], now)
         out = Output()
         reports_now = self.detector.reports()
+        self._pids.update({rank: report.pid for rank, report in reports_now.items()})
         if self.phase is Phase.RUNNING and not self._recoverable_job and len(reports_now) == self.world_size \
                 and all(r.recoverable for r in reports_now.values()):
             self._recoverable_job = True
@@ -344,7 +341,10 @@ class Job:
             return out
         self._stop_deadline = None
         if self.restarts >= self.spec.max_restarts:
-            self._fail(out, f"a worker failed and no restarts are left (--max-restarts {self.spec.max_restarts})")
+            recoveries = (f"no in-place recoveries (max {self.spec.max_recoveries}) and "
+                          if self._recoverable_job else "")
+            self._fail(out, f"a worker failed and {recoveries}no restarts are left "
+                            f"(--max-restarts {self.spec.max_restarts})")
             return out
         self.restarts += 1
         self.generation += 1
@@ -380,7 +380,7 @@ class Job:
                                   f"ranks {sorted(late)} did not reach generation {self.generation} within "
                                   f"{self.spec.recovery_deadline_s:g} s: replacing them", self.generation)
                 self._record_failure(out, failure)
-                self._begin_recovery(out, now, late, failure)
+                self._handle_failure(out, now, late, failure)
         elif self.phase is Phase.STOPPING and self._stop_deadline is not None and now >= self._stop_deadline:
             missing = sorted(self.members[a].hostname for a in set(self.members) - self._stopped)
             self._fail(out, f"agents on {', '.join(missing)} did not confirm their workers stopped "
@@ -440,11 +440,9 @@ class Job:
         return self._recoverable_job and self.recoveries < self.spec.max_recoveries
 
     def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
+        """In place when the job can recover; otherwise (or with no recoveries left) torchrun's full restart."""
         if self._can_recover() and ranks:
             self._begin_recovery(out, now, ranks, cause)
-        elif self.phase is Phase.RECOVERING:
-            self._fail(out, f"{cause.describe()}; no in-place recoveries are left "
-                            f"(max {self.spec.max_recoveries})")
         else:
             self._stop_all(out, now, cause)
 

@@ -184,6 +184,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 RankReport(rank=-1, node_rank=-1, local_rank=r.local_rank, pid=r.pid, step=r.step,
                            heartbeat_age_s=r.heartbeat_age_s, in_collective=r.in_collective, collective=r.collective,
                            collective_seq=r.collective_seq, generation=r.generation, recoverable=r.recoverable,
+                           finished=r.finished,
                            recovery=_recovery_fields(r.recovery) if r.HasField("recovery") else None)
                 for r in summary.ranks
             ]

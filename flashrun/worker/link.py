@@ -6,15 +6,19 @@ anywhere else, so the same script runs under torchrun or plain python.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from flashrun.config import Detection
 
 AGENT_SOCKET_ENV = "FLASHRUN_AGENT_SOCKET"
 HEARTBEAT_INTERVAL_ENV = "FLASHRUN_HEARTBEAT_INTERVAL"
+EXIT_BEAT_S = 0.02
+"""At interpreter exit, how long the last heartbeat (saying "finished") gets to leave."""
 REPLACEMENT_ENV = "FLASHRUN_REPLACEMENT"
 """Set (to the spawn's Unix time) on a worker started in place of a failed one: it must fetch state from a replica."""
 
@@ -32,6 +36,7 @@ class AgentLink:
         self._interval_s = interval_s
         self._local_rank = local_rank
         self._closed = threading.Event()
+        self._wake = threading.Event()
         self.on_command: Callable[[int], None] | None = None
         self._early_commands: list[int] = []
         self._handler_lock = threading.Lock()
@@ -49,10 +54,12 @@ class AgentLink:
             yield self._pb.WorkerBeat(
                 local_rank=self._local_rank, generation=progress.generation, pid=pid, step=progress.step,
                 in_collective=bool(progress.collective), collective=progress.collective,
-                collective_seq=progress.collective_seq, recoverable=progress.recoverable,
+                collective_seq=progress.collective_seq, recoverable=progress.recoverable, finished=progress.finished,
                 recovery=self._pb.Recovery(**dataclasses.asdict(report)) if report else None,
             )
-            if self._closed.wait(self._interval_s):
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._closed.is_set():
                 return
 
     def _run(self) -> None:
@@ -77,8 +84,12 @@ class AgentLink:
         for generation in early:
             handler(generation)
 
+    def beat_now(self) -> None:
+        self._wake.set()
+
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
 
 
 _link: AgentLink | None = None
@@ -96,4 +107,19 @@ def attach_if_launched() -> AgentLink | None:
             socket_path, float(os.environ.get(HEARTBEAT_INTERVAL_ENV, Detection.heartbeat_interval_s)),
             int(os.environ.get("LOCAL_RANK", "0")),
         )
+        atexit.register(_exiting)
     return _link
+
+
+def mark_finished() -> None:
+    """Tell the agent at once that silence from here on is a shutdown, not a hang."""
+    from flashrun.worker.progress import progress
+
+    progress.finished = True
+    if _link is not None:
+        _link.beat_now()
+
+
+def _exiting() -> None:
+    mark_finished()
+    time.sleep(EXIT_BEAT_S)  # let that last beat leave before the interpreter stops its threads

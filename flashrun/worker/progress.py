@@ -33,6 +33,8 @@ class Progress:
     recoverable: bool = False
     """The script runs flashrun's step loop, so a failure can be recovered in place."""
     recovery: RecoveryReport | None = None
+    finished: bool = False
+    """The step loop is over (or the interpreter exits): the process may go quiet while it shuts down."""
 
     def enter(self, name: str) -> None:
         self.collective_seq += 1

@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flashrun.errors import EXIT_UNRECOVERABLE
 from flashrun.worker import replica
 from flashrun.worker.abort import Aborter
 from flashrun.worker.collectives import untracked
 from flashrun.worker.group import Superseded, abandon_group, join_generation
-from flashrun.worker.link import REPLACEMENT_ENV, attach_if_launched
+from flashrun.worker.link import REPLACEMENT_ENV, attach_if_launched, mark_finished
 from flashrun.worker.progress import RecoveryReport, progress
 
 RECOVERY_WAIT_S = 120.0
@@ -39,8 +40,6 @@ RECOVERY_WAIT_S = 120.0
 coordinator escalates much sooner by replacing it)."""
 JOIN_DEADLINE_S = 120.0
 """How long a rank waits for its peers to arrive at a new generation."""
-EXIT_UNRECOVERABLE = 3
-"""A worker exits with this when no replica holds the lost state and there is no checkpoint: the job must stop."""
 CHECKPOINT_NAME = "flashrun-latest.pt"
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -202,6 +201,7 @@ class Run:
             self.applied_step = max(self.applied_step, step)
             self._maybe_checkpoint(step)
             step += 1
+        mark_finished()
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> bool:
         """torch.distributed.all_reduce that a failure elsewhere cannot block: False if the step failed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from flashrun.worker.link import mark_finished
 from flashrun.worker.progress import progress
 
 
@@ -12,3 +13,4 @@ def steps(total: int, start: int = 0) -> Iterator[int]:
     for step in range(start, total):
         yield step
         progress.step = step
+    mark_finished()

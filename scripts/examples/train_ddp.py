@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--inject-hang", default=None, metavar="RANK:STEP",
                         help="fault drill: RANK spins forever in Python at STEP, before the loss all-reduce")
+    parser.add_argument("--inject-exception", default=None, metavar="RANK:STEP",
+                        help="fault drill: RANK raises at STEP, after its backward pass")
     return parser.parse_args()
 
 
@@ -51,6 +53,14 @@ def batch(seed: int, step: int, rank: int, world_size: int, device: torch.device
     y = x @ true_weight + 0.01 * torch.randn(GLOBAL_BATCH, 1, generator=data)
     shard = torch.tensor_split(torch.arange(GLOBAL_BATCH), world_size)[rank]
     return x[shard].to(device), y[shard].to(device)
+
+
+def drill(spec: str | None, rank: int) -> int:
+    """The step at which this rank misbehaves, from RANK:STEP; -1 when the drill is for another rank."""
+    if not spec:
+        return -1
+    drill_rank, drill_step = (int(part) for part in spec.split(":"))
+    return drill_step if drill_rank == rank else -1
 
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -87,7 +97,10 @@ def main() -> None:
     ddp = run.ddp(model)
     run.track(model=model, optimizer=optimizer)
 
-    hang_rank, hang_step = (int(part) for part in args.inject_hang.split(":")) if args.inject_hang else (-1, -1)
+    # Drills fire in the first process only: a replacement started after the fault runs normally.
+    first_process = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    hang_at = drill(args.inject_hang, rank) if first_process else -1
+    raise_at = drill(args.inject_exception, rank) if first_process else -1
     # Under flashrun the loop recovers from failures in place; under torchrun it is a plain range().
     for step in run.steps(args.steps, start=first_step):
         x, y = batch(args.seed, step, rank, world_size, device)
@@ -95,8 +108,10 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step == raise_at:
+            raise RuntimeError(f"injected exception on rank {rank} at step {step}")
         mean_loss = loss.detach().clone()
-        while rank == hang_rank and step == hang_step:
+        while step == hang_at:
             pass  # a hang in Python: the peers wait in the all-reduce below
         run.all_reduce(mean_loss)
         if rank == 0:

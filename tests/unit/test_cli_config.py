@@ -231,11 +231,15 @@ def test_node_rank_other_than_zero_on_a_single_node_is_an_error(script: str) -> 
 
 
 def test_rdzv_conf_and_shutdown_timeout_set_the_timeouts(script: str) -> None:
-    cfg = config("--rdzv-conf", "join_timeout=90,last_call_timeout=4", "--shutdown-timeout", "12", script)
+    cfg = config("--rdzv-conf", "join_timeout=90", "--shutdown-timeout", "12", script)
 
     assert cfg.timeouts.join_s == 90.0
-    assert cfg.timeouts.last_call_s == 4.0
     assert cfg.timeouts.stop_grace_s == 12.0
+
+
+def test_rdzv_conf_last_call_timeout_is_an_unknown_key(script: str) -> None:
+    with raises_naming("--rdzv-conf", "unknown key", "last_call_timeout"):
+        config("--nnodes", "1:2", "--rdzv-endpoint", "head", "--rdzv-conf", "last_call_timeout=4", script)
 
 
 def test_bad_rdzv_conf_key_is_an_error(script: str) -> None:

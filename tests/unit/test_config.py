@@ -5,6 +5,7 @@ Every error is a FlashrunError whose message names the bad value, so the user ca
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -154,11 +155,21 @@ def test_timeouts_from_empty_rdzv_conf_are_the_defaults() -> None:
     assert timeouts_from_rdzv_conf({}, shutdown_timeout_s=None) == Timeouts()
 
 
-def test_timeouts_from_rdzv_conf_read_join_and_last_call() -> None:
-    timeouts = timeouts_from_rdzv_conf({"join_timeout": "120", "last_call_timeout": "2.5"}, None)
+def test_timeouts_from_rdzv_conf_read_the_join_timeout() -> None:
+    timeouts = timeouts_from_rdzv_conf({"join_timeout": "120.5"}, None)
 
-    assert timeouts.join_s == 120.0
-    assert timeouts.last_call_s == 2.5
+    assert timeouts.join_s == 120.5
+    assert timeouts == Timeouts(join_s=120.5)
+
+
+def test_timeouts_from_rdzv_conf_reject_last_call_timeout_as_unknown() -> None:
+    # The job starts as soon as MIN nodes joined (later ones are spares): there is no last-call window.
+    with raises_naming("--rdzv-conf", "unknown key", "last_call_timeout", "join_timeout"):
+        timeouts_from_rdzv_conf({"join_timeout": "120", "last_call_timeout": "2.5"}, None)
+
+
+def test_timeouts_have_no_last_call_window() -> None:
+    assert "last_call_s" not in {field.name for field in dataclasses.fields(Timeouts)}
 
 
 def test_timeouts_from_rdzv_conf_ignore_torchrun_keys_flashrun_does_not_need() -> None:
@@ -178,8 +189,8 @@ def test_timeouts_from_rdzv_conf_reject_a_value_that_is_not_a_number() -> None:
 
 
 def test_timeouts_from_rdzv_conf_reject_a_non_positive_value() -> None:
-    with raises_naming("last_call_s", "-1.0"):
-        timeouts_from_rdzv_conf({"last_call_timeout": "-1"}, None)
+    with raises_naming("join_s", "-1.0"):
+        timeouts_from_rdzv_conf({"join_timeout": "-1"}, None)
 
 
 def test_shutdown_timeout_sets_the_stop_grace() -> None:
@@ -197,7 +208,7 @@ def test_default_timeouts_are_valid() -> None:
     Timeouts()
 
 
-@pytest.mark.parametrize("field", ["join_s", "last_call_s", "stop_grace_s", "kill_wait_s", "stop_ack_s"])
+@pytest.mark.parametrize("field", ["join_s", "stop_grace_s", "kill_wait_s", "stop_ack_s"])
 @pytest.mark.parametrize("value", [0.0, -5.0])
 def test_timeouts_reject_non_positive_values(field: str, value: float) -> None:
     with raises_naming(field, "> 0", repr(value)):

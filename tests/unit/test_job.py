@@ -5,7 +5,9 @@ Time is a plain number passed in; nothing here sleeps, opens sockets or starts p
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any
 
 import pytest
 
@@ -35,11 +37,13 @@ TOKEN = "s3cret"
 def make_job(
     nnodes: int | tuple[int, int] = 2,
     max_restarts: int = 0,
-    last_call_s: float = 30.0,
     stop_ack_s: float = 60.0,
+    **spec: Any,
 ) -> Job:
+    """`nnodes` is N or (MIN, MAX), as --nnodes; `spec` sets JobSpec's other fields (max_recoveries, ...)."""
     low, high = (nnodes, nnodes) if isinstance(nnodes, int) else nnodes
-    return Job(JobSpec(RUN_ID, TOKEN, low, high, max_restarts, last_call_s, stop_ack_s))
+    return Job(JobSpec(run_id=RUN_ID, token=TOKEN, min_nodes=low, max_nodes=high, max_restarts=max_restarts,
+                       stop_ack_s=stop_ack_s, **spec))
 
 
 def request(
@@ -83,9 +87,12 @@ def the_start(out: Output) -> StartGeneration:
     return starts[0]
 
 
-def running_job(nnodes: int = 2, nproc: int = 2, **spec: float) -> Job:
-    """A job whose rendezvous completed at t=0: agents a0..a{n-1} on host-a0.. with node ranks 0..n-1."""
-    job = make_job(nnodes, **spec)  # type: ignore[arg-type]
+def running_job(nnodes: int = 2, nproc: int = 2, max_nodes: int | None = None, **spec: Any) -> Job:
+    """A job whose rendezvous completed at t=0: agents a0..a{n-1} on host-a0.. with node ranks 0..n-1.
+
+    `max_nodes` (default: nnodes) above nnodes leaves room for that many minus nnodes spares.
+    """
+    job = make_job((nnodes, nnodes if max_nodes is None else max_nodes), **spec)
     for node in range(nnodes):
         job.join(request(f"a{node}", node_rank=node, nproc=nproc), now=0.0)
     assert job.phase is Phase.RUNNING
@@ -167,33 +174,46 @@ def test_rendezvous_assignments_do_not_depend_on_join_order() -> None:
     }
 
 
-def test_elastic_rendezvous_does_not_complete_before_last_call() -> None:
-    job = make_job(nnodes=(2, 4), last_call_s=30.0)
+def test_elastic_rendezvous_waits_for_min_not_max() -> None:
+    job = make_job(nnodes=(3, 5))
     job.join(request("a"), now=100.0)
-    out = job.join(request("b"), now=105.0)  # MIN reached at 105
 
-    assert out.commands == [Wait("a", joined=2, needed=4), Wait("b", joined=2, needed=4)]
-    assert job.tick(now=134.9).commands == []
+    out = job.join(request("b"), now=105.0)
+
+    assert out.commands == [Wait("a", joined=2, needed=3), Wait("b", joined=2, needed=3)]
     assert job.phase is Phase.RENDEZVOUS
 
 
-def test_elastic_rendezvous_completes_at_last_call_after_min_joined() -> None:
-    job = make_job(nnodes=(2, 4), last_call_s=30.0)
+def test_elastic_rendezvous_completes_as_soon_as_min_joined() -> None:
+    job = make_job(nnodes=(2, 4))
     job.join(request("a"), now=100.0)
-    job.join(request("b"), now=105.0)
-    job.join(request("c"), now=110.0)
 
-    out = job.tick(now=135.0)
+    out = job.join(request("b"), now=105.0)
 
     assert job.phase is Phase.RUNNING
     start = the_start(out)
-    assert start.nnodes == 3
-    assert start.world_size == 6
-    assert event_names(out) == ["rendezvous_complete"]
+    assert start.nnodes == 2
+    assert start.world_size == 4
+    assert set(start.assignments) == {"a", "b"}
+    assert commands_of(out, Wait) == []
+    assert event_names(out) == ["agent_joined", "rendezvous_complete"]
+
+
+def test_elastic_rendezvous_has_no_last_call_window() -> None:
+    assert "last_call_s" not in {field.name for field in dataclasses.fields(JobSpec)}
+    job = make_job(nnodes=(2, 4))
+    job.join(request("a"), now=0.0)
+    job.join(request("b"), now=0.0)
+    job.join(request("c"), now=1.0)  # a spare, however soon after MIN it joins
+
+    assert job.tick(now=5.0).commands == []  # no later regrouping: the job keeps running on MIN nodes
+    assert set(job.members) == {"a", "b"}
+    assert set(job.spares) == {"c"}
+    assert job.world_size == 4
 
 
 def test_elastic_rendezvous_below_min_never_completes_on_tick() -> None:
-    job = make_job(nnodes=(2, 4), last_call_s=30.0)
+    job = make_job(nnodes=(2, 4))
     out = job.join(request("a"), now=0.0)
 
     assert out.commands == [Wait("a", joined=1, needed=2)]
@@ -201,37 +221,88 @@ def test_elastic_rendezvous_below_min_never_completes_on_tick() -> None:
     assert job.phase is Phase.RENDEZVOUS
 
 
-def test_elastic_rendezvous_completes_at_once_when_max_joined() -> None:
-    job = make_job(nnodes=(1, 2), last_call_s=30.0)
-    job.join(request("a"), now=0.0)
+def test_elastic_rendezvous_runs_on_min_nodes_even_when_max_could_join() -> None:
+    job = make_job(nnodes=(1, 2))
 
-    out = job.join(request("b"), now=1.0)
+    out = job.join(request("a"), now=0.0)
 
     assert job.phase is Phase.RUNNING
-    assert the_start(out).nnodes == 2
+    assert the_start(out).nnodes == 1
+    assert the_start(out).world_size == 2
 
 
-def test_agent_joining_a_full_job_becomes_a_spare() -> None:
-    job = running_job(nnodes=2)
+def spare_reason(out: Output, agent_id: str) -> str:
+    assert len(out.commands) == 1, out.commands
+    command = out.commands[0]
+    assert isinstance(command, MakeSpare)
+    assert command.agent_id == agent_id
+    return command.reason
+
+
+def test_agent_joining_a_running_job_with_room_becomes_a_spare() -> None:
+    job = running_job(nnodes=2, max_nodes=3)
 
     out = job.join(request("extra"), now=5.0)
 
-    assert out.commands == [MakeSpare("extra", "the job already has all the nodes it needs")]
+    reason = spare_reason(out, "extra")
+    assert reason.startswith("the job already has all the nodes it needs")
+    assert "takes over if one is lost" in reason
     assert event_names(out) == ["spare_joined"]
+    assert the_event(out, "spare_joined").fields == {"host": "host-extra"}
     assert "extra" in job.spares
     assert "extra" not in job.members
     assert job.world_size == 4
 
 
-def test_agent_joining_after_elastic_rendezvous_becomes_a_spare() -> None:
-    job = make_job(nnodes=(1, 3), last_call_s=30.0)
+def test_agents_joining_after_elastic_rendezvous_are_spares_up_to_max() -> None:
+    job = make_job(nnodes=(1, 3))
     job.join(request("a"), now=0.0)
-    job.tick(now=30.0)
 
-    out = job.join(request("late"), now=31.0)
+    first = job.join(request("late1"), now=31.0)
+    second = job.join(request("late2"), now=32.0)
 
-    assert commands_of(out, MakeSpare) == [MakeSpare("late", "the job already has all the nodes it needs")]
-    assert commands_of(out, StartGeneration) == []
+    spare_reason(first, "late1")
+    spare_reason(second, "late2")
+    assert commands_of(first, StartGeneration) == commands_of(second, StartGeneration) == []
+    assert set(job.members) == {"a"}
+    assert set(job.spares) == {"late1", "late2"}
+
+
+def test_agent_beyond_max_is_rejected_naming_the_node_counts() -> None:
+    job = make_job(nnodes=(1, 3))
+    job.join(request("a"), now=0.0)
+    job.join(request("late1"), now=1.0)
+    job.join(request("late2"), now=2.0)
+
+    reason = reject_reason(job.join(request("late3"), now=3.0), "late3")
+
+    assert "already has 3 nodes" in reason
+    assert "--nnodes 1:3" in reason
+    assert "1 working" in reason
+    assert "late3" not in job.spares
+    assert set(job.spares) == {"late1", "late2"}
+
+
+def test_agent_joining_a_full_fixed_size_job_is_rejected() -> None:
+    job = running_job(nnodes=2)
+
+    reason = reject_reason(job.join(request("extra"), now=5.0), "extra")
+
+    assert "already has 2 nodes" in reason
+    assert "--nnodes 2:2" in reason
+    assert job.spares == {}
+    assert set(job.members) == {"a0", "a1"}
+
+
+def test_a_spare_that_left_frees_its_place_for_another() -> None:
+    job = running_job(nnodes=1, max_nodes=2)
+    job.join(request("spare"), now=1.0)
+    job.disconnect("spare", now=2.0)
+
+    out = job.join(request("spare2"), now=3.0)
+
+    spare_reason(out, "spare2")
+    assert set(job.spares) == {"spare2"}
 
 
 def reject_reason(out: Output, agent_id: str) -> str:
@@ -280,6 +351,26 @@ def test_join_with_node_rank_out_of_range_is_rejected() -> None:
 
     assert "--node-rank 2" in reason
     assert "0..1" in reason
+
+
+def test_elastic_join_with_node_rank_not_below_min_is_rejected() -> None:
+    job = make_job(nnodes=(2, 4))
+
+    reason = reject_reason(job.join(request("a", node_rank=2), now=0.0), "a")
+
+    assert "--node-rank 2" in reason
+    assert "0..1" in reason
+    assert "runs on 2 nodes" in reason
+    assert job.members == {}
+
+
+def test_elastic_join_with_the_last_node_rank_below_min_is_accepted() -> None:
+    job = make_job(nnodes=(2, 4))
+
+    out = job.join(request("a", node_rank=1), now=0.0)
+
+    assert commands_of(out, Reject) == []
+    assert set(job.members) == {"a"}
 
 
 def test_join_with_node_rank_already_taken_is_rejected() -> None:
@@ -334,16 +425,18 @@ def test_node_rank_of_an_agent_that_left_can_be_taken_again() -> None:
     assert set(job.members) == {"b"}
 
 
-def test_agent_leaving_below_min_restarts_the_last_call_clock() -> None:
-    job = make_job(nnodes=(2, 4), last_call_s=30.0)
+def test_agent_leaving_elastic_rendezvous_no_longer_counts_towards_min() -> None:
+    job = make_job(nnodes=(3, 4))
     job.join(request("a"), now=0.0)
-    job.join(request("b"), now=0.0)  # MIN reached at 0
-    job.disconnect("b", now=10.0)  # below MIN again
-    job.join(request("c"), now=20.0)  # MIN reached again at 20
+    job.join(request("b"), now=1.0)
+    job.disconnect("b", now=2.0)
 
-    assert job.tick(now=30.0).commands == []
+    waiting = job.join(request("c"), now=3.0)
+    assert waiting.commands == [Wait("a", joined=2, needed=3), Wait("c", joined=2, needed=3)]
     assert job.phase is Phase.RENDEZVOUS
-    assert the_start(job.tick(now=50.0)).nnodes == 2
+
+    start = the_start(job.join(request("d"), now=4.0))
+    assert set(start.assignments) == {"a", "c", "d"}
 
 
 # Running: success ----------------------------------------------------------------------------------------------
@@ -365,8 +458,9 @@ def test_all_ranks_exiting_zero_succeeds_the_job() -> None:
 
 
 def test_success_shuts_down_every_agent_including_spares() -> None:
-    job = running_job(nnodes=2, nproc=1)
+    job = running_job(nnodes=2, nproc=1, max_nodes=3)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
     job.worker_exited("a0", success(), now=5.0)
 
     out = job.worker_exited("a1", success(), now=6.0)
@@ -413,16 +507,20 @@ def test_worker_failure_emits_a_crash_event_then_stopping() -> None:
     assert event_names(out) == ["failure", "stopping"]
     failed = the_event(out, "failure")
     assert failed.generation == 0
+    assert set(failed.fields) == {"kind", "ranks", "evidence", "rank", "node", "exit_code"}
     assert failed.fields["kind"] == "crash"
+    assert failed.fields["ranks"] == [3]
     assert failed.fields["rank"] == 3
     assert failed.fields["node"] == 1
     assert failed.fields["exit_code"] == 3
     assert "host-a1" in failed.fields["evidence"]
+    assert "exited with code 3" in failed.fields["evidence"]
 
 
 def test_worker_failure_does_not_stop_spares() -> None:
-    job = running_job(nnodes=1)
+    job = running_job(nnodes=1, max_nodes=2)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
 
     out = job.worker_exited("a0", crash(), now=5.0)
 
@@ -499,8 +597,9 @@ def test_failure_after_last_restart_fails_the_job() -> None:
 
 
 def test_job_failure_shuts_down_every_agent_including_spares() -> None:
-    job = running_job(nnodes=2)
+    job = running_job(nnodes=2, max_nodes=3)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
     job.worker_exited("a1", crash(), now=5.0)
 
     out = stop_all(job, 0, now=6.0)
@@ -615,8 +714,9 @@ def test_stop_confirmation_while_running_is_ignored() -> None:
 
 
 def test_worker_exit_from_a_spare_is_ignored() -> None:
-    job = running_job(nnodes=1)
+    job = running_job(nnodes=1, max_nodes=2)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
 
     out = job.worker_exited("spare", crash(), now=5.0)
 
@@ -655,6 +755,7 @@ def test_member_disconnect_while_running_fails_the_job() -> None:
     assert job.exit_code == EXIT_JOB_FAILED
     assert event_names(out) == ["failure", "job_failed"]
     lost = the_event(out, "failure").fields
+    assert set(lost) == {"kind", "ranks", "evidence", "node"}  # several ranks: no single "rank", no exit code
     assert (lost["kind"], lost["node"], lost["ranks"]) == ("node_lost", 1, [2, 3])
     assert "host-a1" in lost["evidence"]
     assert "host-a1" in job.summary
@@ -672,8 +773,9 @@ def test_member_disconnect_while_stopping_fails_the_job() -> None:
 
 
 def test_spare_disconnect_is_harmless() -> None:
-    job = running_job(nnodes=1)
+    job = running_job(nnodes=1, max_nodes=2)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
 
     out = job.disconnect("spare", now=5.0)
 
@@ -693,8 +795,9 @@ def test_disconnect_after_the_job_finished_is_ignored() -> None:
 
 
 def test_abort_fails_the_job_and_shuts_down_every_agent() -> None:
-    job = running_job(nnodes=2)
+    job = running_job(nnodes=2, max_nodes=3)
     job.join(request("spare"), now=1.0)
+    assert set(job.spares) == {"spare"}
 
     out = job.abort("coordinator received SIGTERM")
 

@@ -1,0 +1,186 @@
+"""The oracle: a deterministic run with faults injected ends with the same model as a fault-free run.
+
+Real flashrun jobs of scripts/examples/train_ddp.py; faults are real (SIGKILL, SIGSTOP, an exception, a hang, a
+killed agent). Final parameters must be bit-identical with 2 ranks and within 1e-6 with 4, every step must have
+been applied exactly once (the loss of the last step matches too), and healthy ranks must keep their PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, Launch, Launcher, free_port, wait_for
+
+TRAIN = str(REPO / "scripts" / "examples" / "train_ddp.py")
+STEPS = 80
+STEP_TIME = "0.05"
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return [TRAIN, "--steps", str(STEPS), "--step-time", STEP_TIME, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, tuple[dict, str]]]:
+    """Fault-free runs (2 and 4 ranks): final state_dict and the last step's loss line."""
+    tmp = tmp_path_factory.mktemp("reference")
+    launcher = Launcher(tmp)
+    try:
+        results = {}
+        for world in (2, 4):
+            out = tmp / f"ref{world}.pt"
+            run = launcher.flashrun("--standalone", "--nproc-per-node", str(world), *train_args(out))
+            assert run.wait(180) == 0, run.output
+            results[world] = (torch.load(out), last_loss(run.output))
+        yield results
+    finally:
+        launcher.cleanup()
+
+
+def last_loss(output: str) -> str:
+    return re.findall(rf"^\[rank0\]:(step {STEPS - 1} loss \S+)$", output, re.M)[-1]
+
+
+def events(logs: Path) -> list[dict]:
+    path = logs / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def named(logs: Path, name: str) -> list[dict]:
+    return [event for event in events(logs) if event["event"] == name]
+
+
+def reached(run: Launch, step: int) -> bool:
+    return re.search(rf"^\[rank0\]:step {step} loss", run.output, re.M) is not None
+
+
+def status(launcher: Launcher, run: Launch, logs: Path) -> dict:
+    line = next(line for line in run.output.splitlines() if "flashrun status --rdzv-endpoint" in line)
+    endpoint = re.search(r"--rdzv-endpoint (\S+)", line).group(1)  # type: ignore[union-attr]
+    query = launcher.flashrun("status", "--rdzv-endpoint", endpoint, "--token-file", str(logs / "token"), "--json",
+                              name="status")
+    assert query.wait(30) == 0, query.output
+    return json.loads(query.output)
+
+
+def pids(launcher: Launcher, run: Launch, logs: Path) -> dict[int, int]:
+    return {r["rank"]: r["pid"] for r in status(launcher, run, logs)["ranks"]}
+
+
+def assert_same_model(got: Path, expected: tuple[dict, str], output: str, world: int) -> None:
+    state, loss_line = expected
+    final = torch.load(got)
+    if world == 2:
+        for name, tensor in state.items():
+            assert torch.equal(final[name], tensor), f"{name} differs from the fault-free run"
+    else:
+        worst = max((final[name] - tensor).abs().max().item() for name, tensor in state.items())
+        assert worst <= 1e-6, f"max abs difference {worst} from the fault-free run"
+    assert last_loss(output) == loss_line if world == 2 else last_loss(output).startswith(f"step {STEPS - 1} ")
+
+
+def start(launcher: Launcher, tmp_path: Path, world: int, *extra: str) -> tuple[Launch, Path, Path]:
+    logs, out = tmp_path / "logs", tmp_path / "out.pt"
+    run = launcher.flashrun("--standalone", "--nproc-per-node", str(world), "--log-dir", str(logs),
+                            *train_args(out, *extra))
+    return run, logs, out
+
+
+def finish(launcher: Launcher, run: Launch, logs: Path) -> None:
+    assert run.wait(180) == 0, run.output
+    assert named(logs, "recovered"), "no recovery was logged"
+    wait_for(lambda: launcher.survivors() == [], 15, "every process to be gone")
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+def test_killed_or_frozen_worker_is_replaced_and_the_model_is_bit_identical(
+    launcher: Launcher, tmp_path: Path, reference: dict, fault: signal.Signals
+) -> None:
+    run, logs, out = start(launcher, tmp_path, 2)
+    wait_for(lambda: reached(run, 15), 120, "step 15")
+    before = pids(launcher, run, logs)
+    os.kill(before[1], fault)
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    after = pids(launcher, run, logs)
+    assert after[0] == before[0], "the healthy rank must keep its process"
+    assert after[1] != before[1], "the faulty rank must be replaced"
+    finish(launcher, run, logs)
+    kind = "crash" if fault == signal.SIGKILL else "unresponsive"
+    assert named(logs, "recovery_started")[0]["kind"] == kind
+    assert_same_model(out, reference[2], run.output, 2)
+
+
+def test_exception_in_one_rank_after_its_update_resumes_after_that_step(
+    launcher: Launcher, tmp_path: Path, reference: dict
+) -> None:
+    run, logs, out = start(launcher, tmp_path, 2, "--inject-exception", "1:20")
+    finish(launcher, run, logs)
+    recovered = named(logs, "recovered")[0]
+    assert recovered["resume_step"] == 21  # both ranks applied step 20 before rank 1 raised
+    assert "injected exception on rank 1 at step 20" in run.output
+    assert_same_model(out, reference[2], run.output, 2)
+
+
+def test_hang_before_a_collective_is_replaced_and_the_model_is_bit_identical(
+    launcher: Launcher, tmp_path: Path, reference: dict
+) -> None:
+    run, logs, out = start(launcher, tmp_path, 2, "--inject-hang", "1:20")
+    finish(launcher, run, logs)
+    assert named(logs, "recovery_started")[0]["kind"] == "stalled"
+    assert named(logs, "recovery_started")[0]["ranks"] == [1]
+    assert_same_model(out, reference[2], run.output, 2)
+
+
+def test_two_failures_at_different_steps_on_four_ranks(launcher: Launcher, tmp_path: Path, reference: dict) -> None:
+    run, logs, out = start(launcher, tmp_path, 4)
+    wait_for(lambda: reached(run, 10), 120, "step 10")
+    first = pids(launcher, run, logs)
+    os.kill(first[1], signal.SIGKILL)
+    wait_for(lambda: named(logs, "recovered"), 60, "the first recovery")
+    wait_for(lambda: reached(run, 40), 120, "step 40")
+    second = pids(launcher, run, logs)
+    os.kill(second[2], signal.SIGKILL)
+    wait_for(lambda: len(named(logs, "recovered")) == 2, 60, "the second recovery")
+    third = pids(launcher, run, logs)
+    assert (third[0], third[3]) == (first[0], first[3]), "ranks never at fault keep their processes"
+    finish(launcher, run, logs)
+    assert_same_model(out, reference[4], run.output, 4)
+
+
+def test_second_failure_during_a_recovery(launcher: Launcher, tmp_path: Path, reference: dict) -> None:
+    run, logs, out = start(launcher, tmp_path, 4)
+    wait_for(lambda: reached(run, 15), 120, "step 15")
+    before = pids(launcher, run, logs)
+    os.kill(before[1], signal.SIGKILL)
+    wait_for(lambda: named(logs, "recovery_started"), 30, "the first recovery to start")
+    os.kill(before[2], signal.SIGKILL)  # while rank 1's replacement is still starting
+    finish(launcher, run, logs)
+    started = named(logs, "recovery_started")
+    assert len(started) >= 2 and 2 in started[-1]["ranks"]
+    assert_same_model(out, reference[4], run.output, 4)
+
+
+def test_killed_agent_is_replaced_by_a_spare(launcher: Launcher, tmp_path: Path, reference: dict) -> None:
+    logs, out = tmp_path / "logs", tmp_path / "out.pt"
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *train_args(out), name="node0")
+    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
+    node1 = launcher.flashrun(*common, *train_args(out), name="node1")
+    wait_for(lambda: reached(node0, 1), 120, "step 1")
+    spare = launcher.flashrun(*common, *train_args(out), name="spare")
+    wait_for(lambda: "standing by as a spare" in spare.output, 60, "the spare to join")
+    wait_for(lambda: reached(node0, 15), 120, "step 15")
+    node1.signal(signal.SIGKILL)
+    finish(launcher, node0, logs)
+    assert spare.wait(60) == 0, spare.output
+    assert named(logs, "spare_takes_over")[0]["node"] == 1
+    assert_same_model(out, reference[2], node0.output, 2)
