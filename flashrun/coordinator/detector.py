@@ -66,7 +66,8 @@ class _RankState:
 
 
 class FailureDetector:
-    def __init__(self, settings: Detection, ranks_by_node: dict[int, Iterable[int]], now: float) -> None:
+    def __init__(self, settings: Detection, ranks_by_node: dict[int, Iterable[int]], now: float,
+                 recent_step_s: Iterable[float] = ()) -> None:
         self.settings = settings
         self._started_at = now
         self._node_seen: dict[int, float] = {node: now for node in ranks_by_node}
@@ -74,7 +75,7 @@ class FailureDetector:
         self._ranks: dict[int, _RankState] = {}
         self._job_step = -1
         self._job_step_at = now
-        self._step_durations: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
+        self._step_durations: collections.deque[float] = collections.deque(recent_step_s, maxlen=STEP_HISTORY)
         self._reported: set[tuple[str, int | None, tuple[int, ...]]] = set()
         self.stragglers: set[int] = set()
         self.leader_step = -1
@@ -107,6 +108,17 @@ class FailureDetector:
                 self._step_durations.append((now - self._job_step_at) / (job_step - self._job_step))
             self._job_step = job_step
             self._job_step_at = now
+
+    def resume(self, now: float) -> None:
+        """The job steps again after a recovery: time it from now, not from when the failure stopped it."""
+        self._job_step_at = now
+        self._lagging_since.clear()
+        self.stragglers = set()
+
+    @property
+    def recent_step_s(self) -> tuple[float, ...]:
+        """Recent step durations, handed to the next generation's detector: the job's pace outlives a failure."""
+        return tuple(self._step_durations)
 
     # Queries ----------------------------------------------------------------------------------------------
 

@@ -441,7 +441,7 @@ class Job:
 
     def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
         """In place when the job can recover; otherwise (or with no recoveries left) torchrun's full restart."""
-        if self._can_recover() and ranks:
+        if self._can_recover():  # with no culprit (a stall nobody can be blamed for) nothing is respawned
             self._begin_recovery(out, now, ranks, cause)
         else:
             self._stop_all(out, now, cause)
@@ -481,7 +481,8 @@ class Job:
         ranks_by_node = {
             a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
         }
-        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
+        previous = self.detector.recent_step_s if self.detector else ()
+        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous)
         for agent_id, a in self.assignments.items():
             local = tuple(r - a.rank_offset for r in sorted(ranks) if a.rank_offset <= r < a.rank_offset
                           + a.local_world_size)
@@ -502,6 +503,8 @@ class Job:
         out.events.append(Event("recovered", self.generation, {
             "since_detection_s": round(now - self._recovery_began, 4), "resume_step": resume, **phases}))
         self.phase = Phase.RUNNING
+        assert self.detector is not None
+        self.detector.resume(now)
         self._recovery_deadline = None
         self._awaiting_step = (resume, self._recovery_began)
         self._recovery_began = None

@@ -4,15 +4,44 @@ Gloo cannot unblock a collective that waits on a dead or frozen peer (abort, shu
 without waking it). What can be unblocked is a future the library owns: DDP's communication hook and the library's
 own collectives hand out such futures, and an abort completes them at once. The step is then marked failed: the
 optimizer step is skipped, and the step loop recovers before it yields another step.
+
+Works are waited for by a watcher thread per generation, never through callbacks on gloo's futures: a collective
+of an abandoned group may fail much later, even while the interpreter shuts down, and gloo would then call into
+Python from its own thread (seen to crash the process). A watcher blocked on such a collective is simply left
+behind, like the collective itself.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+_Item = tuple[Any, Callable[[bool], None]]
+
+
+class _Watcher:
+    """Waits for works in submission order on one daemon thread, reporting each as completed or failed."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="flashrun-work-watcher", daemon=True).start()
+
+    def submit(self, work: Any, done: Callable[[bool], None]) -> None:
+        self._items.put((work, done))
+
+    def _run(self) -> None:
+        while True:
+            work, done = self._items.get()
+            try:
+                work.wait()
+                ok = True
+            except Exception:  # noqa: BLE001 - a peer's failure surfaces here; the step is redone
+                ok = False
+            done(ok)
 
 
 class Aborter:
@@ -25,6 +54,9 @@ class Aborter:
         """The newest generation the coordinator has commanded."""
         self.failed = threading.Event()
         """Set when the step in flight cannot complete correctly: a peer failed or an abort arrived."""
+        self._epoch = 0
+        """Advances whenever a new generation is settled: works of older epochs can no longer fail a step."""
+        self._watcher = _Watcher()
 
     def command(self, generation: int) -> None:
         """The agent relays a new generation: abandon the step in flight."""
@@ -38,9 +70,11 @@ class Aborter:
         for wake in wakers:
             wake()
 
-    def peer_failed(self) -> None:
+    def _peer_failed(self, epoch: int) -> None:
         """A collective raised (a direct peer died): the step is lost, the new generation will follow."""
         with self._lock:
+            if epoch != self._epoch:
+                return  # a collective of an abandoned group finally failed: old news
             self.failed.set()
             wakers = list(self._wakers.values())
         for wake in wakers:
@@ -57,12 +91,15 @@ class Aborter:
             if self.target != generation:
                 return False
             self.failed.clear()
+            self._epoch += 1
+            self._watcher = _Watcher()  # the old one may stay blocked on a collective of the abandoned group
             return True
 
-    # Futures and waits --------------------------------------------------------------------------------------
+    # Works --------------------------------------------------------------------------------------------------
 
-    def own(self, work_future: torch.futures.Future, on_abort: Callable[[], object]) -> torch.futures.Future:
-        """A future completed by `work_future`, or by an abort with `on_abort()`'s value: never with an exception."""
+    def own(self, work: Any, on_success: Callable[[], object], on_abort: Callable[[], object]) -> torch.futures.Future:
+        """A future completed with `on_success()` when `work` completes, or with `on_abort()` when the step fails:
+        never with an exception."""
         ours: torch.futures.Future = torch.futures.Future()
         lock = threading.Lock()
 
@@ -71,49 +108,33 @@ class Aborter:
                 if not ours.done():
                     ours.set_result(value())
 
+        with self._lock:
+            epoch, watcher = self._epoch, self._watcher
         waker_id = self._add_waker(lambda: complete(on_abort))
         if self.failed.is_set():  # checked after registering, so an abort in between is not missed
             self._remove_waker(waker_id)
             complete(on_abort)
             return ours
 
-        def finished(fut: torch.futures.Future) -> None:
+        def finished(ok: bool) -> None:
             self._remove_waker(waker_id)
-            try:
-                result = fut.value()
-            except Exception:  # noqa: BLE001 - a peer's failure surfaces here; the step is redone
-                self.peer_failed()
-                complete(on_abort)
-                return
-            complete(lambda: result)
+            if not ok:
+                self._peer_failed(epoch)
+            complete(on_success if ok else on_abort)
 
-        work_future.add_done_callback(finished)
+        if work is None:
+            finished(True)
+        else:
+            watcher.submit(work, finished)
         return ours
 
     def wait_work(self, work: Any) -> bool:
-        """Block until a torch.distributed Work completes (True) or the step fails (False).
-
-        Gloo's point-to-point works have no future: those are waited for on a helper thread, which an abort
-        leaves behind, blocked, exactly like the collective it waits for.
-        """
-        try:
-            work_future = work.get_future()
-        except RuntimeError:
-            work_future = torch.futures.Future()
-
-            def wait_in_thread() -> None:
-                try:
-                    work.wait()
-                    work_future.set_result(None)
-                except Exception as err:  # noqa: BLE001 - handed to the future's waiter
-                    work_future.set_exception(err)
-
-            threading.Thread(target=wait_in_thread, name="flashrun-p2p-wait", daemon=True).start()
-        ours = self.own(work_future, lambda: None)
+        """Block until a torch.distributed Work completes (True) or the step fails (False)."""
+        ours = self.own(work, lambda: True, lambda: False)
         done = threading.Event()
         ours.add_done_callback(lambda _: done.set())
         done.wait()
-        return not self.failed.is_set() and work_future.done() and not _raised(work_future)
+        return bool(ours.value()) and not self.failed.is_set()
 
     def _add_waker(self, wake: Callable[[], None]) -> int:
         with self._lock:
@@ -124,11 +145,3 @@ class Aborter:
     def _remove_waker(self, waker_id: int) -> None:
         with self._lock:
             self._wakers.pop(waker_id, None)
-
-
-def _raised(future: torch.futures.Future) -> bool:
-    try:
-        future.value()
-    except Exception:  # noqa: BLE001
-        return True
-    return False

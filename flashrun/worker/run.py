@@ -77,7 +77,7 @@ class _ReplicatedModel(nn.Module):
         aborter = self._run.aborter
         tensor = bucket.buffer()
         if aborter.failed.is_set():
-            return aborter.own(_completed(tensor), lambda: tensor)
+            return aborter.own(None, lambda: tensor, lambda: tensor)
         tensor.div_(dist.get_world_size())
         if self._outstanding == 0:
             progress.enter("ddp_allreduce")
@@ -88,17 +88,10 @@ class _ReplicatedModel(nn.Module):
             self._outstanding -= 1
             if self._outstanding == 0:
                 progress.leave()
-            value = fut.value()
-            return value[0] if isinstance(value, list) else value  # gloo's work yields [tensor]
+            return fut.value()
 
         # On abort the bucket keeps its local values: the step is marked failed and its update is skipped.
-        return aborter.own(work.get_future(), lambda: tensor).then(settled)
-
-
-def _completed(value: Any) -> torch.futures.Future:
-    future: torch.futures.Future = torch.futures.Future()
-    future.set_result(value)
-    return future
+        return aborter.own(work, lambda: tensor, lambda: tensor).then(settled)
 
 
 class Run:
