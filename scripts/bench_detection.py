@@ -400,7 +400,7 @@ def single_node_trial(kind: str, launcher: str, index: int, root: Path, args: ar
         if launcher == "flashrun" and kind != "stalled":
             # Cross-check the /proc lookup against the coordinator's view, once the job is training.
             if proc.wait_for_step(3, start_deadline) is None:
-                return failed_start(result, proc, FAULT_STEP)
+                return failed_start(result, proc, 3)
             reported, problem = status_pid(proc, trial, 1, start_deadline)
             found = worker_pid(trial.tag, 1)
             if problem or reported != found:
@@ -585,8 +585,8 @@ def summarize(results: list[Result], kind: str, launcher: str, cap: float) -> tu
     return median, worst, culprits, met
 
 
-def report(results: list[Result], overhead: list[Throughput], args: argparse.Namespace, header: list[str]) -> str:
-    out = [*header, ""]
+def latency_table(results: list[Result], args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
     out.append("| fault | target | flashrun median (s) | flashrun max (s) | met | culprit correct "
                "| torchrun median (s) | torchrun max (s) |")
     out.append("|---|---|---|---|---|---|---|---|")
@@ -599,6 +599,13 @@ def report(results: list[Result], overhead: list[Throughput], args: argparse.Nam
         out.append(f"| {kind} | ≤ {TARGETS_S[kind]:g} s | {f_med} | {f_max} | {met_cell} | {culprit} "
                    f"| {t_med} | {t_max} |")
     out.append("")
+    return out
+
+
+def report(results: list[Result], overhead: list[Throughput], args: argparse.Namespace, header: list[str]) -> str:
+    out = [*header, ""]
+    if results:
+        out.extend(latency_table(results, args))
     if overhead:
         rates = {name: [t.steps_per_s for t in overhead if t.launcher == name and t.steps_per_s]
                  for name in ("flashrun", "torchrun")}
@@ -678,7 +685,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5, help="trials per fault kind and launcher (default 5)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated subset of {','.join(KINDS)} (empty: overhead only)")
     parser.add_argument("--torchrun-cap", type=float, default=30.0,
                         help="seconds to wait for torchrun to notice a fault (default 30)")
     parser.add_argument("--skip-torchrun", action="store_true", help="measure flashrun only")

@@ -85,10 +85,12 @@ def check_per_run_forms(program: str, records: dict[int, dict]) -> None:
     for rank, record in records.items():
         env = record["env"]
         error_file = env.get("TORCHELASTIC_ERROR_FILE", "")
-        expected_tail = ("attempt_0", env["LOCAL_RANK"], "error.json")
+        # torchrun keys the directory by local rank; flashrun by global rank, so nodes sharing a --log-dir on a
+        # network file system never write into each other's files.
+        expected_tail = ("attempt_0", env["LOCAL_RANK" if program == "torchrun" else "RANK"], "error.json")
         assert Path(error_file).is_absolute() and Path(error_file).parts[-3:] == expected_tail, (
             f"{program} rank {rank}: TORCHELASTIC_ERROR_FILE={error_file!r} should end with "
-            f"/{'/'.join(expected_tail)} (LOCAL_RANK={env['LOCAL_RANK']})"
+            f"/{'/'.join(expected_tail)} (RANK={env['RANK']}, LOCAL_RANK={env['LOCAL_RANK']})"
         )
 
 

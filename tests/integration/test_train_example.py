@@ -35,11 +35,9 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
 def test_same_run_under_both_launchers_and_after_resume(launcher: Launcher, tmp_path: Path) -> None:
     reference = train(launcher, "torchrun", "--steps", "8", "--seed", "3", "--out", str(tmp_path / "torchrun.pt"))
     assert sorted(reference) == list(range(8))
-    assert train(launcher, "flashrun", "--steps", "8", "--seed", "3", "--out", str(tmp_path / "flashrun.pt")) \
-        == reference
-    assert_same_weights(tmp_path / "torchrun.pt", tmp_path / "flashrun.pt")
 
-    # Stop after step 3 with the last checkpoint after step 2; the second run redoes step 3 onwards.
+    # flashrun stops after step 3 with the last checkpoint after step 2, then a second run redoes step 3 onwards:
+    # every loss and the final weights must be torchrun's uninterrupted run's.
     checkpoints = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "3"]
     first = train(launcher, "flashrun", "--steps", "4", "--seed", "3", *checkpoints)
     assert first == {step: reference[step] for step in range(4)}
