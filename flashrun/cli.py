@@ -115,6 +115,9 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
          help="Seconds between SIGTERM and SIGKILL when stopping workers. [default: 30]")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
 @detection_options
+@click.option("--prewarm/--no-prewarm", default=True, show_default=True,
+              help="Fork replacement workers from a process that already imported torch.")
+@click.option("--prewarm-modules", default="", help="More modules the zygote imports, e.g. transformers,numpy.")
 @click.option("--run-path", "--run_path", "run_path", is_flag=True, hidden=True)
 @click.option("--event-log-handler", "--event_log_handler", "event_log_handler", default=None, hidden=True)
 @click.option("--logs-specs", "--logs_specs", "logs_specs", default=None, hidden=True)
@@ -211,6 +214,8 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         local_addr=options["local_addr"],  # type: ignore[arg-type]
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
         detection=_detection(options),
+        prewarm=bool(options.get("prewarm", True)),
+        prewarm_modules=tuple(m.strip() for m in str(options.get("prewarm_modules") or "").split(",") if m.strip()),
         base_env=dict(env),
     )
 

@@ -87,6 +87,9 @@ class LaunchConfig:
     local_addr: str | None
     timeouts: Timeouts = Timeouts()
     detection: Detection = dataclasses.field(default_factory=lambda: Detection())
+    prewarm: bool = True
+    """Keep a zygote that has imported torch, to fork replacement workers from."""
+    prewarm_modules: tuple[str, ...] = ()
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """The launcher's environment as the user gave it: what workers inherit."""
 

@@ -25,8 +25,9 @@ from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.agent.beats import HeartbeatBoard
 from flashrun.agent.output import OutputPolicy, attempt_dir
+from flashrun.agent.prewarm import Zygote
 from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
-from flashrun.agent.workers import ExitReport, WorkerGroup
+from flashrun.agent.workers import ExitReport, WorkerGroup, die_with_agent
 from flashrun.config import PROTOCOL_VERSION, Detection, Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
 from flashrun.worker.link import REPLACEMENT_ENV
@@ -70,6 +71,7 @@ class Agent:
         self._board: HeartbeatBoard | None = None
         self._heartbeat_interval_s = Detection.heartbeat_interval_s
         self._summary_now = threading.Event()
+        self._zygote: Zygote | None = None
         self._finished = threading.Event()
         self._env = launcher_env(config.base_env, config.nproc_per_node)
         self.agent_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -85,7 +87,8 @@ class Agent:
         channel = grpc.insecure_channel(str(self._endpoint))
         socket_dir = tempfile.mkdtemp(prefix="flashrun-agent-")  # short: Unix socket paths max out near 107 bytes
         try:
-            self._board = HeartbeatBoard(os.path.join(socket_dir, "agent.sock"), self._config.nproc_per_node)
+            self._board = HeartbeatBoard(os.path.join(socket_dir, "agent.sock"), self._config.nproc_per_node,
+                                         self._summary_now.set)
             self._wait_for_coordinator(channel)
             stub = pb_grpc.CoordinatorStub(channel)
             self._outbox.put(pb.AgentMessage(join=pb.Join(
@@ -102,6 +105,8 @@ class Agent:
             self._finished.set()
             self._summary_now.set()
             self._outbox.put(None)
+            if self._zygote is not None:
+                self._zygote.close()
             channel.close()
             if self._board is not None:
                 self._board.close()
@@ -212,6 +217,7 @@ class Agent:
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
             self._spawn(group, start, local_rank, replacement=False)
+        self._prepare_zygote()
         self._workers = group
         self._summary_now.set()
 
@@ -234,9 +240,34 @@ class Agent:
             on_console=config.local_ranks_filter is None or local_rank in config.local_ranks_filter,
         )
         env = worker_env(self._env, placement)
+        zygote = None
         if replacement:
             env[REPLACEMENT_ENV] = repr(time.time())
-        group.spawn(local_rank, [*config.entrypoint, *config.script_args], env, policy, placement.error_file)
+            zygote = self._zygote
+        forked = group.spawn(local_rank, [*config.entrypoint, *config.script_args], env, policy,
+                             placement.error_file, zygote)
+        if zygote is not None and not forked:
+            self._note("prewarm_fallback", f"rank {rank}: the zygote was not ready or did not answer; spawned "
+                                           "a fresh interpreter instead")
+        if forked or (zygote is not None and zygote.broken.is_set()):
+            self._prepare_zygote()
+
+    def _prepare_zygote(self) -> None:
+        """Keep a pre-warmed zygote for the next replacement (a broken one is replaced; a working one reused:
+        forking leaves it untouched)."""
+        config = self._config
+        if not config.prewarm or config.entrypoint[1:2] != ("-u",):
+            return  # --no-prewarm, or --no-python: nothing to pre-import
+        if self._zygote is not None and not self._zygote.broken.is_set():
+            return
+        if self._zygote is not None:
+            self._zygote.close()
+            self._note("prewarm_restarted", "the zygote broke; a new one is being prepared")
+        self._zygote = Zygote(config.entrypoint[0], config.prewarm_modules, self._env, die_with_agent)
+
+    def _note(self, event: str, detail: str) -> None:
+        say(detail)
+        self._outbox.put(pb.AgentMessage(note=pb.AgentNote(event=event, detail=detail)))
 
     def _recover(self, recover: pb.Recover) -> None:
         """In place: replace the faulty local workers, move the healthy ones to the new generation."""

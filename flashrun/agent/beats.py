@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -26,8 +26,9 @@ class LastBeat:
 class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
     """Keeps each worker's latest heartbeat (keyed by PID, so a replaced worker's old beats never count)."""
 
-    def __init__(self, socket_path: str, max_workers: int) -> None:
+    def __init__(self, socket_path: str, max_workers: int, on_urgent: Callable[[], None]) -> None:
         self.socket_path = socket_path
+        self._on_urgent = on_urgent
         self._lock = threading.Lock()
         self._beats: dict[int, LastBeat] = {}
         self._commands: dict[int, queue.SimpleQueue[pb.WorkerCommand | None]] = {}
@@ -56,6 +57,8 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
                 for beat in request_iterator:
                     with self._lock:
                         self._beats[pid] = LastBeat(time.monotonic(), beat)
+                    if beat.urgent:
+                        self._on_urgent()
             except grpc.RpcError:
                 pass
             with self._lock:

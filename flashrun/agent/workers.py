@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from flashrun.agent.output import OutputPolicy, StreamPump
+from flashrun.agent.prewarm import Zygote
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_agent() -> None:
+def die_with_agent() -> None:
     # Runs in the child between fork and exec: only async-signal-safe work, no Python objects created.
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -103,14 +104,19 @@ class WorkerGroup:
                     os.killpg(worker.process.pid, signal.SIGKILL)
 
     def spawn(
-        self, local_rank: int, argv: Sequence[str], env: Mapping[str, str], policy: OutputPolicy, error_file: str
-    ) -> None:
-        """Must be called from a thread that lives as long as the worker: PDEATHSIG follows the spawning thread."""
+        self, local_rank: int, argv: Sequence[str], env: Mapping[str, str], policy: OutputPolicy, error_file: str,
+        zygote: Zygote | None = None,
+    ) -> bool:
+        """Start one worker, forked from `zygote` when given and able; returns whether it was.
+
+        Must be called from a thread that lives as long as the worker: PDEATHSIG follows the spawning thread.
+        """
         files_dir = os.path.dirname(error_file) if policy.log_dir else None
         os.makedirs(os.path.dirname(error_file), exist_ok=True)
-        process = subprocess.Popen(
+        forked = zygote.spawn(argv, env, os.getcwd()) if zygote is not None else None
+        process = forked or subprocess.Popen(
             list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_die_with_agent,
+            start_new_session=True, preexec_fn=die_with_agent,
         )
         pumps = [
             StreamPump(
@@ -122,9 +128,10 @@ class WorkerGroup:
                 os.path.join(files_dir, "stderr.log") if files_dir else None,
             ),
         ]
-        worker = _Worker(local_rank, process, error_file, pumps, threading.Event())
+        worker = _Worker(local_rank, process, error_file, pumps, threading.Event())  # type: ignore[arg-type]
         self._workers.append(worker)
         threading.Thread(target=self._watch, args=(worker,), name=f"flashrun-wait-{local_rank}", daemon=True).start()
+        return forked is not None
 
     def _watch(self, worker: _Worker) -> None:
         code = worker.process.wait()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import statistics
 from collections.abc import Iterable
 
@@ -212,6 +213,14 @@ class FailureDetector:
                                                   "(a lost peer connection or a hang below the collective)")]
         return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit")]
 
+    def _straggler_lag(self) -> int:
+        """Steps behind the leader that make a straggler. Ranks' heartbeats sample their counters up to two
+        intervals apart, so with fast steps a healthy rank can read several steps behind: that much is noise."""
+        if not self._step_durations:
+            return self.settings.straggler_lag_steps
+        sampling = 2 * self.settings.heartbeat_interval_s / max(statistics.median(self._step_durations), 1e-6)
+        return max(self.settings.straggler_lag_steps, math.ceil(sampling) + 1)
+
     def _update_stragglers(self, now: float) -> None:
         # Heartbeats sample steps at different moments on different ranks, so a short lag is noise: only a lag
         # that persists for STRAGGLER_PERSIST_INTERVALS heartbeat intervals makes a straggler.
@@ -219,7 +228,7 @@ class FailureDetector:
         if not tracked:
             return
         leader = self.leader_step = max(rep.step for rep in tracked)
-        lagging = {rep.rank for rep in tracked if leader - rep.step >= self.settings.straggler_lag_steps}
+        lagging = {rep.rank for rep in tracked if leader - rep.step >= self._straggler_lag() and not rep.finished}
         self._lagging_since = {rank: self._lagging_since.get(rank, now) for rank in lagging}
         persist = STRAGGLER_PERSIST_INTERVALS * self.settings.heartbeat_interval_s
         self.stragglers = {rank for rank, since in self._lagging_since.items() if now - since >= persist}

@@ -306,6 +306,12 @@ class Job:
             self._handle_failure(out, now, set(failure.ranks), failure)
         return out
 
+    def note(self, agent_id: str, event: str, detail: str) -> Output:
+        """An agent's own observation, logged as is."""
+        assignment = self.assignments.get(agent_id)
+        node = assignment.node_rank if assignment else None
+        return Output(events=[Event(event, self.generation, {"node": node, "detail": detail})])
+
     def node_summary(self, agent_id: str, generation: int, reports: list[RankReport], now: float) -> Output:
         """A node's per-interval summary; `reports` carry local ranks, translated here to global ranks."""
         assignment = self.assignments.get(agent_id)

@@ -178,6 +178,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             ), now)
         if kind == "workers_stopped":
             return self._job.workers_stopped(agent_id, message.workers_stopped.generation, now)
+        if kind == "note":
+            return self._job.note(agent_id, message.note.event, message.note.detail)
         if kind == "summary":
             summary = message.summary
             reports = [

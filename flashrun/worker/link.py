@@ -37,6 +37,7 @@ class AgentLink:
         self._local_rank = local_rank
         self._closed = threading.Event()
         self._wake = threading.Event()
+        self._urgent = False
         self.on_command: Callable[[int], None] | None = None
         self._early_commands: list[int] = []
         self._handler_lock = threading.Lock()
@@ -51,7 +52,8 @@ class AgentLink:
         pid = os.getpid()
         while True:
             report = progress.recovery
-            yield self._pb.WorkerBeat(
+            urgent, self._urgent = self._urgent, False
+            yield self._pb.WorkerBeat(urgent=urgent,
                 local_rank=self._local_rank, generation=progress.generation, pid=pid, step=progress.step,
                 in_collective=bool(progress.collective), collective=progress.collective,
                 collective_seq=progress.collective_seq, recoverable=progress.recoverable, finished=progress.finished,
@@ -84,7 +86,9 @@ class AgentLink:
         for generation in early:
             handler(generation)
 
-    def beat_now(self) -> None:
+    def beat_now(self, urgent: bool = False) -> None:
+        """Send a heartbeat now; an urgent one the agent forwards to the coordinator at once."""
+        self._urgent = self._urgent or urgent
         self._wake.set()
 
     def close(self) -> None:
@@ -109,6 +113,12 @@ def attach_if_launched() -> AgentLink | None:
         )
         atexit.register(_exiting)
     return _link
+
+
+def beat_now() -> None:
+    """Report progress the coordinator is waiting for (a recovery's end, its first step) without delay."""
+    if _link is not None:
+        _link.beat_now(urgent=True)
 
 
 def mark_finished() -> None:

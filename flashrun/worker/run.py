@@ -32,7 +32,7 @@ from flashrun.worker import replica
 from flashrun.worker.abort import Aborter
 from flashrun.worker.collectives import untracked
 from flashrun.worker.group import Superseded, abandon_group, join_generation
-from flashrun.worker.link import REPLACEMENT_ENV, attach_if_launched, mark_finished
+from flashrun.worker.link import REPLACEMENT_ENV, attach_if_launched, beat_now, mark_finished
 from flashrun.worker.progress import RecoveryReport, progress
 
 RECOVERY_WAIT_S = 120.0
@@ -114,6 +114,7 @@ class Run:
         self._replacement_spawned_at = float(os.environ.get(REPLACEMENT_ENV, "0") or 0)
         self._store: Any = None
         self._checkpoint: tuple[int, str] | None = None
+        self._resumed_at = -1
 
     # Set-up -------------------------------------------------------------------------------------------------
 
@@ -193,6 +194,8 @@ class Run:
             progress.step = step
             self.applied_step = max(self.applied_step, step)
             self._maybe_checkpoint(step)
+            if step == self._resumed_at:
+                beat_now()  # the recovery timeline ends with this step
             step += 1
         mark_finished()
 
@@ -255,6 +258,8 @@ class Run:
             progress.recovery = report
             progress.generation = target
             progress.step = resume - 1
+            self._resumed_at = resume
+            beat_now()
             return resume
 
     def _sync(self, replacement: bool) -> tuple[int, int]:
