@@ -87,6 +87,7 @@ from _bench_common import (
     interrupt_on_sigterm,
     overhead_lines,
     prepare,
+    process_state,
     read_environ,
     read_events,
     run_overhead,
@@ -204,9 +205,9 @@ def wait_end(proc: Proc, args: argparse.Namespace) -> str:
     last = args.steps - 1
     deadline = time.monotonic() + END_GRACE_S + args.steps * max(args.step_time, 0.01) * 3
     if proc.wait_for_step(last, deadline) is None:
-        return f"step {last} not reached (launcher {'exited ' + str(proc.popen.poll()) if proc.popen.poll() is not None else 'still running'})"
-    code = proc.wait_exit(time.monotonic() + END_GRACE_S)
-    if code is None:
+        code = proc.popen.poll()
+        return f"step {last} not reached (launcher {'still running' if code is None else f'exited with {code}'})"
+    if proc.wait_exit(time.monotonic() + END_GRACE_S) is None:
         return f"step {last} done, launcher still running {END_GRACE_S:g} s later"
     return f"job finished, exit code {proc.popen.returncode}"
 
@@ -228,7 +229,8 @@ def lookup_pid(proc: Proc, trial: Trial, args: argparse.Namespace, cross_check: 
 def flashrun_trial(variant: Variant, index: int, root: Path, args: argparse.Namespace) -> Result:
     result = Result(variant.label, index)
     assert variant.flashrun_args is not None
-    with Trial(root, f"flashrun-{index}-{len(variant.flashrun_args)}", args.src) as trial:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", variant.label).strip("-")
+    with Trial(root, f"{slug}-{index}", args.src) as trial:
         log_dir = trial.dir / "flashrun-logs"
         result.detail = f"logs {trial.dir}; "
         proc = trial.start("flashrun", flashrun_argv("--standalone", "--nproc-per-node", str(NPROC), "--log-dir",
@@ -318,6 +320,8 @@ def torchrun_relaunch_trial(index: int, root: Path, args: argparse.Namespace) ->
         if isinstance(pid, str):
             result.status = pid
             return result
+        first_workers = [p for p in tagged_pids(trial.tag)
+                         if "RANK" in (read_environ(p) or {}) and TRAIN_NAME in cmdline(p)]
         killed = kill_worker(first, trial, args, pid)
         if isinstance(killed, str):
             result.status = killed
@@ -328,12 +332,11 @@ def torchrun_relaunch_trial(index: int, root: Path, args: argparse.Namespace) ->
         if exited_t is None:
             result.status = f"timeout: torchrun did not exit within {args.recovery_timeout:g} s of the kill"
             return result
-        old_workers = [p for p in tagged_pids(trial.tag) if TRAIN_NAME in cmdline(p)]
         second = trial.start("torchrun-relaunch", argv)
+        old_workers = [p for p in first_workers if process_state(p) not in (None, "Z")]
         result.phases["exited"] = exited_t - kill_t
         result.phases["gap"] = second.started_at - exited_t
         line = first_step_above(second, last, kill_t, kill_t + args.recovery_timeout)
-        resumed = second.first_line("stdout", RESUMED_RE)
         with second.cond:
             resumed = second.first_line("stdout", RESUMED_RE)
             first_line = next((ln for ln in second.lines["stdout"] if step_of(ln) >= 0), None)
@@ -378,24 +381,41 @@ def max_restarts_trial(root: Path, args: argparse.Namespace) -> str:
         if isinstance(killed, str):
             return f"torchrun --max-restarts 1: trial failed: {killed}"
         kill_t, last = killed
-        line = first_step_above(proc, last, kill_t, kill_t + cap)
+        line: Line | None = None
+        restarted: set[int] = set()
+        deadline = time.monotonic() + cap
+        while time.monotonic() < deadline:
+            line = first_step_above(proc, last, kill_t, min(deadline, time.monotonic() + 0.5))
+            if line is not None or proc.popen.poll() is not None:
+                break
+            # Sample the restarted attempt's workers (TORCHELASTIC_RESTART_COUNT=1) while the launcher runs.
+            restarted.update(p for p in tagged_pids(trial.tag)
+                             if (read_environ(p) or {}).get("TORCHELASTIC_RESTART_COUNT") == "1"
+                             and TRAIN_NAME in cmdline(p))
         if line is not None:
             wait_end(proc, args)
             resumed = proc.first_line("stdout", RESUMED_RE, kill_t)
             return (f"torchrun --max-restarts 1: recovered, kill → first new step (step {step_of(line)}) "
                     f"{line.t - kill_t:.3f} s (L={last}; {resumed.text if resumed else 'no resume line'}).")
         code = proc.popen.poll()
-        workers = [p for p in tagged_pids(trial.tag) if TRAIN_NAME in cmdline(p)]
-        restarted = [p for p in workers if (read_environ(p) or {}).get("TORCHELASTIC_RESTART_COUNT") == "1"]
+        ended_after = time.time() - kill_t
+        alive = [p for p in restarted if process_state(p) not in (None, "Z")]
         with proc.cond:
-            refused = sum("Connection refused" in ln.text for ln in proc.lines["stderr"])
+            stderr = [ln.text for ln in proc.lines["stderr"] if ln.t > kill_t]
             resumed = proc.first_line("stdout", RESUMED_RE, kill_t)
-        state = f"launcher still running, {len(restarted)} restarted worker(s) alive" if code is None \
-            else f"launcher exited with {code}"
-        return (f"torchrun --max-restarts 1: hung / did not recover within {cap:g} s of the kill (L={last}): {state}; "
-                f"{'restarted attempt printed: ' + repr(resumed.text) if resumed else 'no step or resume line'}; "
-                f"{refused} 'Connection refused' line(s) on stderr; logs {trial.dir}; stderr tail: "
-                f"{proc.tail(count=2)[:300]}")
+        refused = sum("Connection refused" in text for text in stderr)
+        mesh = any("connectFullMesh failed" in text for text in stderr)
+        attempt = (f"its restarted attempt ({len(restarted)} worker(s) seen with TORCHELASTIC_RESTART_COUNT=1) "
+                   f"{'printed ' + repr(resumed.text) if resumed else 'printed no step or resume line'}"
+                   f"{', its init_process_group failed (gloo connectFullMesh: Connection refused)' if mesh else ''}; "
+                   f"{refused} 'Connection refused' line(s) on stderr")
+        if code is None:
+            what = (f"hung / did not recover within {cap:g} s of the kill: launcher still running, "
+                    f"{len(alive)} restarted worker(s) alive, no new step")
+        else:
+            what = (f"did not recover: torchrun exited with code {code} about {ended_after:.1f} s after the kill, "
+                    "no new step")
+        return f"torchrun --max-restarts 1 (L={last}, cap {cap:g} s): {what}; {attempt}. Logs {trial.dir}."
 
 
 # Report ---------------------------------------------------------------------------------------------------------
@@ -472,7 +492,8 @@ def phase_tables(results: list[Result], variants: list[Variant]) -> list[str]:
         for variant in flash:
             rows = rows_of(results, variant.label)
             cells = [fmt(median_or_none([r.phases.get(p) for r in rows])) for p in PHASES]
-            out.append(f"| {variant.label} | {' | '.join(cells)} | {fmt(median_or_none([r.recovery_s for r in rows]))} |")
+            cells.append(fmt(median_or_none([r.recovery_s for r in rows])))
+            out.append(f"| {variant.label} | {' | '.join(cells)} |")
         out.append("")
     rows = rows_of(results, TORCHRUN_RELAUNCH)
     if rows:

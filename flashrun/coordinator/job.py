@@ -436,6 +436,7 @@ class Job:
         out.commands.append(self._start_command(now))
 
     def _start_command(self, now: float) -> StartGeneration:
+        self._pids.clear()  # every process is new: a late exit of the old ones must not count
         ranks_by_node = {
             a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
         }

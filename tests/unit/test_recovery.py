@@ -708,3 +708,18 @@ def test_snapshot_after_a_recovery_shows_running_ranks_and_the_recoveries_count(
         "running", 1, 1, 0)
     assert [rank["state"] for rank in snapshot["ranks"]] == ["running"] * 4
     assert snapshot["ranks"][3]["pid"] == pid_of(3, generation=1)
+
+
+def test_late_exit_of_a_stopped_worker_after_a_full_restart_is_not_a_failure() -> None:
+    job = running_job(nnodes=2, nproc=2, max_restarts=1)
+    summaries(job, now=1.0, recoverable=False)  # the old processes' pids are known; no in-place recovery
+    exit_of(job, 1, now=5.0)
+    job.workers_stopped("a0", 0, now=5.5)
+    job.workers_stopped("a1", 0, now=5.6)
+    assert (job.phase, job.generation) == (Phase.RUNNING, 1)
+
+    # Rank 0's old process, SIGTERMed by the stop, is reported only now, with its old generation.
+    out = exit_of(job, 0, now=5.7, exit_code=-15, generation=0, pid=pid_of(0))
+
+    assert out.commands == [] and "failure" not in event_names(out)
+    assert job.phase is Phase.RUNNING
