@@ -444,7 +444,10 @@ class Job:
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
 
     def _can_recover(self) -> bool:
-        return self._recoverable_job and self.recoveries < self.spec.max_recoveries
+        # Ranks whose loop is over cannot take part in a rebuild: a failure that late is not recovered in place.
+        done = bool(self._succeeded) or (self.detector is not None
+                                         and any(r.finished for r in self.detector.reports().values()))
+        return self._recoverable_job and self.recoveries < self.spec.max_recoveries and not done
 
     def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
         """In place when the job can recover; otherwise (or with no recoveries left) torchrun's full restart."""

@@ -5,10 +5,10 @@ without waking it). What can be unblocked is a future the library owns: DDP's co
 own collectives hand out such futures, and an abort completes them at once. The step is then marked failed: the
 optimizer step is skipped, and the step loop recovers before it yields another step.
 
-Works are waited for by a watcher thread per generation, never through callbacks on gloo's futures: a collective
-of an abandoned group may fail much later, even while the interpreter shuts down, and gloo would then call into
-Python from its own thread (seen to crash the process). A watcher blocked on such a collective is simply left
-behind, like the collective itself.
+Works are watched by a thread per generation that polls them, never through callbacks on gloo's futures nor a
+blocking `wait()`: a collective of an abandoned group may complete much later, even while the interpreter shuts
+down, and then a gloo callback into Python segfaults and a thread returning from `wait()` dies of SIGABRT in
+pybind11 (both seen). Polling lets an abandoned generation's watcher simply stop.
 """
 
 from __future__ import annotations
@@ -21,23 +21,38 @@ from typing import Any
 import torch
 
 _Item = tuple[Any, Callable[[bool], None]]
+POLL_FIRST_S = 0.00005
+POLL_MAX_S = 0.002
+"""A watched work is polled after POLL_FIRST_S, then at doubling intervals up to POLL_MAX_S: fast for the
+sub-millisecond collectives of a step, cheap for a long one."""
 
 
 class _Watcher:
-    """Waits for works in submission order on one daemon thread, reporting each as completed or failed."""
+    """Watches works in submission order on one daemon thread, reporting each as completed or failed."""
 
     def __init__(self) -> None:
-        self._items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._abandoned = threading.Event()
         threading.Thread(target=self._run, name="flashrun-work-watcher", daemon=True).start()
 
     def submit(self, work: Any, done: Callable[[bool], None]) -> None:
         self._items.put((work, done))
 
+    def abandon(self) -> None:
+        """Its generation is over: stop watching (the futures it served were completed by the abort)."""
+        self._abandoned.set()
+        self._items.put(None)
+
     def _run(self) -> None:
-        while True:
-            work, done = self._items.get()
+        while (item := self._items.get()) is not None:
+            work, done = item
+            pause = POLL_FIRST_S
+            while not work.is_completed():
+                if self._abandoned.wait(pause):
+                    return
+                pause = min(pause * 2, POLL_MAX_S)
             try:
-                work.wait()
+                work.wait()  # completed: returns at once, raising if the collective failed
                 ok = True
             except Exception:  # noqa: BLE001 - a peer's failure surfaces here; the step is redone
                 ok = False
@@ -92,7 +107,8 @@ class Aborter:
                 return False
             self.failed.clear()
             self._epoch += 1
-            self._watcher = _Watcher()  # the old one may stay blocked on a collective of the abandoned group
+            self._watcher.abandon()
+            self._watcher = _Watcher()
             return True
 
     # Works --------------------------------------------------------------------------------------------------

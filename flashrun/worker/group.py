@@ -7,6 +7,7 @@ generation's namespace and waits, polling, for the others: a wait that notices w
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import time
 from typing import Any
@@ -60,6 +61,9 @@ def abandon_group(graveyard: list[Any]) -> None:
         return
     group = dist.group.WORLD
     graveyard.append(group)
+    # Never freed, not even at interpreter exit: destroying a gloo group whose thread is still blocked in a
+    # collective destroys a joinable std::thread, and the process dies of SIGABRT on its way out.
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
     if dist.get_backend(group) == "nccl":
         group.abort()  # NCCL can abort its communicators: in-flight kernels return
     distributed_c10d._update_default_pg(None)

@@ -14,7 +14,6 @@ import random
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from flashrun.worker.abort import Aborter
 from flashrun.worker.collectives import untracked
@@ -65,8 +64,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class SyncPlan:
     applied: tuple[int, ...]
     """Each rank's last applied step (-1: no state)."""
-    transfers: tuple[tuple[int, int], ...]
-    """(source, destination) pairs."""
+    source: int
+    """The replica whose state is used: the lowest rank among the most advanced."""
+    behind: tuple[int, ...]
+    """The ranks that must take the source's state."""
 
     @property
     def best(self) -> int:
@@ -74,11 +75,9 @@ class SyncPlan:
 
 
 def plan_sync(applied: list[int]) -> SyncPlan:
-    """Pure: who sends to whom. Sources are spread over the ranks behind, round robin."""
+    """Pure: whose state wins, and who needs it."""
     best = max(applied)
-    sources = [rank for rank, step in enumerate(applied) if step == best]
-    behind = [rank for rank, step in enumerate(applied) if step < best]
-    return SyncPlan(tuple(applied), tuple((sources[i % len(sources)], rank) for i, rank in enumerate(behind)))
+    return SyncPlan(tuple(applied), applied.index(best), tuple(r for r, step in enumerate(applied) if step < best))
 
 
 def exchange_applied(applied_step: int, world_size: int, device: torch.device, aborter: Aborter) -> list[int] | None:
@@ -91,21 +90,25 @@ def exchange_applied(applied_step: int, world_size: int, device: torch.device, a
 
 
 def transfer(plan: SyncPlan, rank: int, blob: bytes | None, device: torch.device, aborter: Aborter) -> bytes | None:
-    """Send our state to the ranks assigned to us, or receive ours; returns what we received (None if nothing)."""
-    received = None
-    for source, destination in plan.transfers:
-        if rank == source:
-            assert blob is not None
-            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
-            for tensor in (torch.tensor([payload.numel()], dtype=torch.int64, device=device), payload):
-                if not aborter.wait_work(dist.isend(tensor, destination)):
-                    raise InterruptedError("state transfer aborted")
-        elif rank == destination:
-            size = torch.zeros(1, dtype=torch.int64, device=device)
-            if not aborter.wait_work(dist.irecv(size, source)):
-                raise InterruptedError("state transfer aborted")
-            payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device).cpu()
-            if not aborter.wait_work(dist.irecv(payload, source)):
-                raise InterruptedError("state transfer aborted")
-            received = ctypes.string_at(payload.data_ptr(), payload.numel())  # a memcpy; numpy may be absent
-    return received
+    """Broadcast the source's state; returns it on the ranks behind (None elsewhere).
+
+    A broadcast rather than point-to-point sends: gloo's send/recv can only be waited for by blocking, which a
+    second failure could turn into a wait forever; a collective can be watched and abandoned like any other.
+    """
+    if not plan.behind:
+        return None
+    size = torch.tensor([len(blob) if rank == plan.source and blob is not None else 0], dtype=torch.int64,
+                        device=device)
+    if not aborter.wait_work(untracked("broadcast")(size, plan.source, async_op=True)):
+        raise InterruptedError("state transfer aborted")
+    if rank == plan.source:
+        assert blob is not None
+        payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    else:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if not aborter.wait_work(untracked("broadcast")(payload, plan.source, async_op=True)):
+        raise InterruptedError("state transfer aborted")
+    if rank not in plan.behind:
+        return None
+    payload = payload.cpu()
+    return ctypes.string_at(payload.data_ptr(), payload.numel())  # a memcpy; numpy may be absent

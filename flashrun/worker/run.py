@@ -273,13 +273,12 @@ class Run:
                 raise Unrecoverable("no replica holds the lost state and the script set no run.checkpoint(): "
                                     "the job cannot continue; relaunch it")
             return self._restore_checkpoint(0), -1
-        sends = any(source == self.rank for source, _ in plan.transfers)
+        sends = plan.behind and plan.source == self.rank
         blob = replica.capture(self.tracked, self.applied_step) if sends else None
         received = replica.transfer(plan, self.rank, blob, self.device, self.aborter)
         if received is not None:
             self.applied_step = replica.restore(self.tracked, received, take_rng=replacement)
-        source = next((s for s, d in plan.transfers if d == self.rank), self.rank)
-        return plan.best + 1, source
+        return plan.best + 1, plan.source
 
     def _maybe_checkpoint(self, step: int) -> None:
         if not self._checkpoint or self.rank != 0 or (step + 1) % self._checkpoint[0]:
