@@ -47,7 +47,9 @@ def become_worker(request: dict, out_fd: int, err_fd: int) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    random.seed()  # a fresh interpreter seeds from the OS; the fork would otherwise share the zygote's state
+    # A fresh interpreter seeds both generators from the OS; a fork would otherwise share the zygote's state.
+    random.seed()
+    sys.modules["torch"].seed()
     argv = request["argv"]  # [python, -u, script, args...] or [python, -u, -m, module, args...]
     module = argv[2] == "-m"
     target = argv[3] if module else argv[2]

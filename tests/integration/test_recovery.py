@@ -184,3 +184,33 @@ def test_killed_agent_is_replaced_by_a_spare(launcher: Launcher, tmp_path: Path,
     assert spare.wait(60) == 0, spare.output
     assert named(logs, "spare_takes_over")[0]["node"] == 1
     assert_same_model(out, reference[2], node0.output, 2)
+
+
+CHECKPOINT = str(REPO / "tests" / "probes" / "checkpoint_probe.py")
+
+
+def test_single_rank_recovers_from_its_checkpoint(launcher: Launcher, tmp_path: Path) -> None:
+    reference = launcher.flashrun("--standalone", CHECKPOINT, str(tmp_path / "ref.pt"), "40", "-", name="ref")
+    assert reference.wait(120) == 0, reference.output
+    logs = tmp_path / "logs"
+    run = launcher.flashrun("--standalone", "--log-dir", str(logs), CHECKPOINT, str(tmp_path / "out.pt"), "40",
+                            str(tmp_path / "ckpt"))
+    wait_for(lambda: re.search(r"^\[rank0\]:step 12$", run.output, re.M), 120, "step 12")
+    os.kill(pids(launcher, run, logs)[0], signal.SIGKILL)
+    finish(launcher, run, logs)
+    resume = named(logs, "recovered")[0]["resume_step"]
+    assert resume >= 10 and resume % 5 == 0  # right after a checkpoint (every 5 steps), not from the start
+    final, expected = torch.load(tmp_path / "out.pt"), torch.load(tmp_path / "ref.pt")
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_single_rank_without_checkpoint_fails_with_a_clear_message(launcher: Launcher, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    run = launcher.flashrun("--standalone", "--log-dir", str(logs), CHECKPOINT, str(tmp_path / "out.pt"), "1000",
+                            "-")
+    wait_for(lambda: re.search(r"^\[rank0\]:step 5$", run.output, re.M), 120, "step 5")
+    os.kill(pids(launcher, run, logs)[0], signal.SIGKILL)
+    assert run.wait(120) == 1, run.output
+    assert "no replica holds the lost state and the script set no run.checkpoint()" in run.output
+    assert "job failed: rank 0 found no replica holding the lost state and no checkpoint" in run.output
+    wait_for(lambda: launcher.survivors() == [], 15, "every process to be gone")

@@ -1,0 +1,66 @@
+"""Replacement workers forked from the pre-warmed zygote look exactly like freshly spawned ones to the script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from tests.helpers import PROBES, Launcher, wait_for
+from tests.integration.test_recovery import named
+
+PROBE = str(PROBES / "replacement_probe.py")
+# Differ between any two processes or runs by nature; compared by presence only.
+PER_PROCESS = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "FLASHRUN_AGENT_SOCKET",
+               "FLASHRUN_REPLACEMENT", "FLASHRUN_TEST_TAG"}
+
+
+def records(out: Path, rank: int) -> list[dict]:
+    found = sorted(out.glob(f"{rank}-*.json"), key=lambda path: path.stat().st_mtime)
+    return [json.loads(path.read_text()) for path in found]
+
+
+def replacement_of_rank_1(launcher: Launcher, tmp_path: Path, *flags: str) -> tuple[dict, dict, list[dict]]:
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir(parents=True)
+    run = launcher.flashrun("--standalone", "--nproc-per-node", "2", "--log-dir", str(logs), *flags, PROBE,
+                            str(out), "100000")
+    wait_for(lambda: records(out, 1) and records(out, 0), 120, "both workers to start")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the step loop to run")
+    original = records(out, 1)[0]
+    pid = next(int(path.stem.split("-")[1]) for path in out.glob("1-*.json"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(records(out, 1)) == 2, 60, "the replacement to start")
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    replacement = records(out, 1)[1]
+    events = named(logs, "prewarm_fallback") + named(logs, "prewarm_restarted")
+    run.signal(signal.SIGTERM)
+    run.wait(60)
+    return original, replacement, events
+
+
+def comparable(record: dict) -> dict:
+    env = {key: value for key, value in record["env"].items() if key not in PER_PROCESS}
+    keys = sorted(record["env"])
+    # Both runs' own values: output directory in argv, and the random seeds every fresh process draws.
+    return {**record, "env": env, "env_keys": keys, "argv": record["argv"][0], "random": None, "parent": None,
+            "torch_seed": None}
+
+
+def test_forked_and_spawned_replacements_are_indistinguishable(launcher: Launcher, tmp_path: Path) -> None:
+    original, forked, fallbacks = replacement_of_rank_1(launcher, tmp_path / "prewarm")
+    _, spawned, _ = replacement_of_rank_1(launcher, tmp_path / "spawn", "--no-prewarm")
+
+    assert fallbacks == [], "the replacement should have been forked from the zygote"
+    assert "zygote_main.py" in forked["parent"] and "zygote_main.py" not in spawned["parent"]
+    assert comparable(forked) == comparable(spawned)
+    # Against the process it replaced: the same script, environment and process shape; a new generation.
+    assert forked["argv"] == original["argv"] and forked["path0"] == original["path0"]
+    assert forked["name"] == "__main__" and forked["own_session"] and forked["stdin_is_devnull"]
+    assert forked["handlers"] == original["handlers"]
+    assert set(forked["env"]) - set(original["env"]) == {"FLASHRUN_REPLACEMENT"}
+    assert forked["env"]["TORCHELASTIC_RESTART_COUNT"] == "1" and original["env"]["TORCHELASTIC_RESTART_COUNT"] == "0"
+    assert forked["random"] != original["random"], "a fork must not share the zygote's random state"
+    assert forked["torch_seed"] != original["torch_seed"], "nor its torch seed"
+    assert launcher.survivors() == []
