@@ -263,7 +263,7 @@ class Job:
                           self.generation)
         self._lost_nodes.add(assignment.node_rank)
         self._record_failure(out, failure)
-        if self.phase in (Phase.RUNNING, Phase.RECOVERING) and self._can_recover():
+        if self.phase in (Phase.RUNNING, Phase.RECOVERING) and self._can_recover(set(failure.ranks)):
             self._begin_recovery(out, now, set(failure.ranks), failure)
             return out
         del self.members[agent_id]
@@ -443,15 +443,16 @@ class Job:
         self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
 
-    def _can_recover(self) -> bool:
-        # Ranks whose loop is over cannot take part in a rebuild: a failure that late is not recovered in place.
-        done = bool(self._succeeded) or (self.detector is not None
-                                         and any(r.finished for r in self.detector.reports().values()))
+    def _can_recover(self, failed: set[int]) -> bool:
+        # Healthy ranks whose loop is over cannot take part in a rebuild: a failure that late is not recovered in
+        # place. (The failed ranks themselves may have said "finished" on their way out.)
+        done = bool(self._succeeded) or (self.detector is not None and any(
+            r.finished for rank, r in self.detector.reports().items() if rank not in failed))
         return self._recoverable_job and self.recoveries < self.spec.max_recoveries and not done
 
     def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
         """In place when the job can recover; otherwise (or with no recoveries left) torchrun's full restart."""
-        if self._can_recover():  # with no culprit (a stall nobody can be blamed for) nothing is respawned
+        if self._can_recover(ranks):  # with no culprit (a stall nobody can be blamed for) nothing is respawned
             self._begin_recovery(out, now, ranks, cause)
         else:
             self._stop_all(out, now, cause)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,6 +113,7 @@ def attach_if_launched() -> AgentLink | None:
             int(os.environ.get("LOCAL_RANK", "0")),
         )
         atexit.register(_exiting)
+        sys.excepthook = _note_crash
     return _link
 
 
@@ -131,5 +133,19 @@ def mark_finished() -> None:
 
 
 def _exiting() -> None:
+    if _crashed:
+        return  # an uncaught exception: the agent reports the exit, not a quiet shutdown
     mark_finished()
     time.sleep(EXIT_BEAT_S)  # let that last beat leave before the interpreter stops its threads
+
+
+_crashed = False
+
+
+def _note_crash(kind: type[BaseException], value: BaseException, traceback: object) -> None:
+    global _crashed
+    _crashed = True
+    _previous_excepthook(kind, value, traceback)  # type: ignore[arg-type]
+
+
+_previous_excepthook = sys.excepthook
