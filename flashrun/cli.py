@@ -94,6 +94,8 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--standalone", is_flag=True, help="Single node, coordinator on loopback, random port and run id.")
 @_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
          help="Full restarts of all workers after a failure before the job fails.")
+@click.option("--max-recoveries", default=100, type=click.IntRange(min=0), show_default=True,
+              help="In-place recoveries (scripts using flashrun's step loop) before falling back to --max-restarts.")
 @_option("--monitor-interval", default=0.1, type=click.FloatRange(min=0, min_open=True), show_default=True,
          help="Accepted for compatibility: flashrun learns of exits from the OS wait, without polling.")
 @_option("--start-method", default="spawn", type=click.Choice(["spawn"]), show_default=True,
@@ -212,6 +214,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         tee=parse_std_spec(str(options["tee"]), "--tee", nproc),
         local_ranks_filter=parse_local_ranks_filter(str(options["local_ranks_filter"]), nproc),
         local_addr=options["local_addr"],  # type: ignore[arg-type]
+        max_recoveries=int(options.get("max_recoveries", 100)),  # type: ignore[call-overload]
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
         detection=_detection(options),
         prewarm=bool(options.get("prewarm", True)),
@@ -264,6 +267,8 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
 @_option("--rdzv-id", default="none", show_default=True, help="Run id; agents must give the same.")
 @_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
          help="Full restarts of all workers after a failure before the job fails.")
+@click.option("--max-recoveries", default=100, type=click.IntRange(min=0), show_default=True,
+              help="In-place recoveries before falling back to --max-restarts.")
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
 @_option("--log-dir", default=None, help="Where events.jsonl is written.")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
@@ -282,6 +287,7 @@ def coordinator(**options: object) -> None:
             run_id=str(options["rdzv_id"]), token=resolve_token(options["token_file"], os.environ, False),  # type: ignore[arg-type]
             min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
             stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
+            max_recoveries=int(options["max_recoveries"]),  # type: ignore[call-overload]
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)

@@ -85,6 +85,8 @@ class LaunchConfig:
     tee: Mapping[int, StdSpec]
     local_ranks_filter: frozenset[int] | None
     local_addr: str | None
+    """How this node names itself to the coordinator (events, status); the host name by default."""
+    max_recoveries: int = 100
     timeouts: Timeouts = Timeouts()
     detection: Detection = dataclasses.field(default_factory=lambda: Detection())
     prewarm: bool = True

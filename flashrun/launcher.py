@@ -156,7 +156,7 @@ def _host_coordinator(
     spec = JobSpec(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
         max_restarts=config.max_restarts,
-        stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection,
+        stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection, max_recoveries=config.max_recoveries,
     )
     store_host = config.master_addr or endpoint.host
     server = CoordinatorServer(spec, bind, store_host, config.master_port, events)

@@ -94,7 +94,8 @@ class Agent:
             self._outbox.put(pb.AgentMessage(join=pb.Join(
                 protocol_version=PROTOCOL_VERSION, run_id=self._config.run_id, token=self._token,
                 node_rank=-1 if self._config.node_rank is None else self._config.node_rank,
-                hostname=socket.gethostname(), local_world_size=self._config.nproc_per_node, agent_id=self.agent_id,
+                hostname=self._config.local_addr or socket.gethostname(),
+                local_world_size=self._config.nproc_per_node, agent_id=self.agent_id,
             )))
             responses = stub.Connect(self._requests())
             threading.Thread(target=self._read_coordinator, args=(responses,), name="flashrun-agent-read",
