@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,8 @@ class Aborter:
         """The newest generation the coordinator has commanded."""
         self.failed = threading.Event()
         """Set when the step in flight cannot complete correctly: a peer failed or an abort arrived."""
+        self.failed_at = 0.0
+        """time.monotonic() when `failed` was set: the abort phase runs from here until the step is left."""
         self._epoch = 0
         """Advances whenever a new generation is settled: works of older epochs can no longer fail a step."""
         self._watcher = _Watcher()
@@ -79,7 +82,7 @@ class Aborter:
             if generation <= self.target:
                 return
             self.target = generation
-            self.failed.set()
+            self._fail()
             wakers = list(self._wakers.values())
             self._changed.notify_all()
         for wake in wakers:
@@ -90,10 +93,15 @@ class Aborter:
         with self._lock:
             if epoch != self._epoch:
                 return  # a collective of an abandoned group finally failed: old news
-            self.failed.set()
+            self._fail()
             wakers = list(self._wakers.values())
         for wake in wakers:
             wake()
+
+    def _fail(self) -> None:
+        if not self.failed.is_set():
+            self.failed_at = time.monotonic()
+            self.failed.set()
 
     def wait_for_generation(self, newer_than: int, timeout_s: float) -> int | None:
         with self._lock:

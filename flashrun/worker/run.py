@@ -217,7 +217,9 @@ class Run:
     def _recover(self, replacement: bool) -> int:
         """Move to the newest generation: rebuild the process group, take state from a replica; returns the step
         to run next."""
-        failed_at = time.monotonic()
+        left_step = time.monotonic()
+        # The abort phase: from the failure (a peer's error or the coordinator's command) to leaving the step.
+        abort_s = left_step - self.aborter.failed_at if self.aborter.failed.is_set() else 0.0
         report = RecoveryReport()
         if replacement:
             report.start_s = max(0.0, time.time() - self._replacement_spawned_at)
@@ -228,7 +230,7 @@ class Run:
             attempted = target if target is not None else attempted
             if target is None:
                 raise Unrecoverable(f"rank {self.rank}: no new generation within {RECOVERY_WAIT_S:g} s of a failure")
-            report.abort_s = 0.0 if replacement else time.monotonic() - failed_at
+            report.abort_s = 0.0 if replacement else abort_s
             began = time.monotonic()
             try:
                 if not replacement:
