@@ -412,6 +412,16 @@ def machine_header(argv: Sequence[str], source: str) -> list[str]:
 
 
 
+def add_overhead_options(parser: argparse.ArgumentParser, fault: str) -> None:
+    """The steady-state overhead measurement's options, and the start-up deadline, shared by both benchmarks."""
+    parser.add_argument("--skip-overhead", action="store_true", help="skip the steps/s overhead measurement")
+    parser.add_argument("--overhead-steps", type=int, default=500, help="steps per overhead run (default 500)")
+    parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs per launcher (default 3)")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="first overhead steps not timed (default 20)")
+    parser.add_argument("--startup-timeout", type=float, default=180.0,
+                        help=f"seconds a job may take to reach the {fault} step (default 180)")
+
+
 def add_source_options(parser: argparse.ArgumentParser) -> None:
     """--src DIR | --snapshot REV; call resolve_source_args() on the parsed namespace."""
     source = parser.add_mutually_exclusive_group()

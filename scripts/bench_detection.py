@@ -62,6 +62,7 @@ from _bench_common import (
     Proc,
     Throughput,
     Trial,
+    add_overhead_options,
     add_source_options,
     cmdline,
     failures,
@@ -333,12 +334,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--torchrun-cap", type=float, default=30.0,
                         help="seconds to wait for torchrun to notice a fault (default 30)")
     parser.add_argument("--skip-torchrun", action="store_true", help="measure flashrun only")
-    parser.add_argument("--skip-overhead", action="store_true", help="skip the steps/s overhead measurement")
-    parser.add_argument("--overhead-steps", type=int, default=500, help="steps per overhead run (default 500)")
-    parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs per launcher (default 3)")
-    parser.add_argument("--warmup-steps", type=int, default=20, help="first steps not timed (default 20)")
-    parser.add_argument("--startup-timeout", type=float, default=180.0,
-                        help="seconds a job may take to reach the fault step (default 180)")
+    add_overhead_options(parser, "fault")
     add_source_options(parser)
     args = parser.parse_args(argv)
     args.kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]

@@ -81,6 +81,7 @@ from _bench_common import (
     Proc,
     Throughput,
     Trial,
+    add_overhead_options,
     add_source_options,
     cmdline,
     flashrun_argv,
@@ -593,12 +594,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="seconds to wait for torchrun --max-restarts 1 to recover (default 60)")
     parser.add_argument("--skip-torchrun", action="store_true", help="no torchrun trials (flashrun only)")
     parser.add_argument("--skip-max-restarts", action="store_true", help="skip the torchrun --max-restarts 1 trial")
-    parser.add_argument("--skip-overhead", action="store_true", help="skip the steps/s overhead measurement")
-    parser.add_argument("--overhead-steps", type=int, default=500, help="steps per overhead run (default 500)")
-    parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs per launcher (default 3)")
-    parser.add_argument("--warmup-steps", type=int, default=20, help="first overhead steps not timed (default 20)")
-    parser.add_argument("--startup-timeout", type=float, default=180.0,
-                        help="seconds a job may take to reach the kill step (default 180)")
+    add_overhead_options(parser, "kill")
     add_source_options(parser)
     args = parser.parse_args(argv)
     if args.trials < 1 or args.overhead_runs < 1 or args.overhead_steps <= args.warmup_steps + 1:
