@@ -16,6 +16,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -124,6 +125,10 @@ def main() -> None:
     if rank == 0 and args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         torch.save(model.state_dict(), args.out)
+    # DDP holds the process group; destroying the group first lets gloo's threads be torn down during interpreter
+    # exit, which aborts the process now and then ("terminate called without an active exception", torch 2.13).
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 
