@@ -9,6 +9,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from typing import TextIO
 
 from flashrun.agent.agent import FORWARDED_SIGNALS, Agent, say
@@ -35,8 +36,6 @@ class EventLog:
             self._file = open(os.path.join(log_dir, "events.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
 
     def __call__(self, event: Event) -> None:
-        import time
-
         record = {"ts": time.time(), "event": event.name, "generation": event.generation, **event.fields}
         with self._lock:
             if self._file is not None:
@@ -124,7 +123,7 @@ def launch(config: LaunchConfig) -> int:
     coordinator: CoordinatorServer | None = None
     try:
         bind, endpoint = _coordinator_plan(config)
-        agent = Agent(config, config.token, run_dir)
+        agent = Agent(config, run_dir)
         previous = {signum: signal.signal(signum, agent.on_signal) for signum in FORWARDED_SIGNALS}
         try:
             if bind is not None:

@@ -59,12 +59,11 @@ def say(message: str) -> None:
 
 
 class Agent:
-    def __init__(self, config: LaunchConfig, token: str, run_dir: str) -> None:
+    def __init__(self, config: LaunchConfig, run_dir: str) -> None:
         self._config = config
         self._endpoint = Endpoint("localhost", 0)
-        self._token = token
         self._run_dir = run_dir
-        """Where attempt_N/RANK/{error.json,stdout.log,stderr.log} go: --log-dir/RUN_ID, or a temporary dir."""
+        """Where attempt_N/RANK/{error.json,stdout.log,stderr.log} go: --log-dir, or a temporary dir."""
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers: WorkerGroup | None = None
@@ -92,7 +91,7 @@ class Agent:
             self._wait_for_coordinator(channel)
             stub = pb_grpc.CoordinatorStub(channel)
             self._outbox.put(pb.AgentMessage(join=pb.Join(
-                protocol_version=PROTOCOL_VERSION, run_id=self._config.run_id, token=self._token,
+                protocol_version=PROTOCOL_VERSION, run_id=self._config.run_id, token=self._config.token,
                 node_rank=-1 if self._config.node_rank is None else self._config.node_rank,
                 hostname=self._config.local_addr or socket.gethostname(),
                 local_world_size=self._config.nproc_per_node, agent_id=self.agent_id,
