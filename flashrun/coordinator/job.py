@@ -27,6 +27,7 @@ from flashrun.config import PROTOCOL_VERSION, Detection
 from flashrun.coordinator.detector import Detected, FailureDetector, RankReport
 from flashrun.coordinator.ranks import Member, NodeAssignment, assign_ranks
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNRECOVERABLE
+from flashrun.inject import NODE_FAULT, RANK_FAULTS, STEP_LOOP_FAULTS
 
 
 class Phase(enum.Enum):
@@ -51,6 +52,8 @@ class JobSpec:
     """In-place recoveries allowed before the job fails (full restarts count against max_restarts)."""
     recovery_deadline_s: float = 30.0
     """A rank that has not reached the new generation this long after a recovery began is replaced."""
+    allow_inject: bool = False
+    """`flashrun inject` may inject faults (--allow-inject): without it no one can kill this job's workers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,42 @@ class Recover:
     nnodes: int
 
 
-Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown | Recover
+@dataclasses.dataclass(frozen=True)
+class InjectRequest:
+    """`flashrun inject`: `fault` on global `rank`, or on node `node` (kill-node), when `at_step` is about to run."""
+
+    token: str
+    fault: str
+    rank: int | None = None
+    node: int | None = None
+    at_step: int | None = None
+    """None: at once (hang and exception: at the next step)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Inject:
+    """Relay a fault drill to one agent: for its worker of `local_rank`, or (None) for the whole node."""
+
+    agent_id: str
+    fault: str
+    local_rank: int | None
+    at_step: int | None
+    rank: int | None = None
+    pid: int = 0
+    """The process the drill is for (0: not known yet); the agent leaves a newer one alone."""
+    detail: str = ""
+    """What `flashrun inject` prints, e.g. "kill sent to rank 1 (pid 1234) on node 0 (host)"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectRefused:
+    """The drill was not sent: `code` is the gRPC status name the shell answers with, `reason` says why."""
+
+    code: str
+    reason: str
+
+
+Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown | Recover | Inject | InjectRefused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,6 +437,95 @@ class Job:
         if not self.finished:
             self._fail(out, reason)
         return out
+
+    def inject(self, request: InjectRequest, colocated_agent: str = "") -> Output:
+        """A fault drill: an `Inject` for the agent that owns the target, or an `InjectRefused` saying why not.
+
+        `colocated_agent` is the agent in the coordinator's own process: losing its node would end the job.
+        """
+        out = Output()
+        refused = self._inject_refusal(request, colocated_agent)
+        if refused is not None:
+            out.commands.append(refused)
+            return out
+        if request.fault == NODE_FAULT:
+            agent_id = next(a for a, asg in self.assignments.items() if asg.node_rank == request.node)
+            a = self.assignments[agent_id]
+            host = self.members[agent_id].hostname
+            ranks = f"rank {a.rank_offset}" if a.local_world_size == 1 else \
+                f"ranks {a.rank_offset}..{a.rank_offset + a.local_world_size - 1}"
+            detail = f"{NODE_FAULT} sent to node {a.node_rank} ({host}): its agent and {ranks} go down"
+            command = Inject(agent_id, NODE_FAULT, None, None, detail=detail)
+            fields: dict[str, Any] = {"fault": NODE_FAULT, "node": a.node_rank, "host": host}
+        else:
+            assert request.rank is not None
+            agent_id, a = self._owner(request.rank)
+            host = self.members[agent_id].hostname
+            report = self.detector.last_report(request.rank) if self.detector else None
+            pid = report.pid if report else self._pids.get(request.rank, 0)
+            what = request.fault if request.at_step is None else f"{request.fault} at step {request.at_step}"
+            process = f" (pid {pid})" if pid else ""
+            detail = f"{what} sent to rank {request.rank}{process} on node {a.node_rank} ({host})"
+            command = Inject(agent_id, request.fault, request.rank - a.rank_offset, request.at_step, request.rank,
+                             pid, detail)
+            fields = {"fault": request.fault, "rank": request.rank, "node": a.node_rank, "host": host, "pid": pid,
+                      "at_step": request.at_step}
+        out.commands.append(command)
+        out.events.append(Event("fault_injected", self.generation, fields))
+        return out
+
+    def _inject_refusal(self, request: InjectRequest, colocated_agent: str) -> InjectRefused | None:
+        if not hmac.compare_digest(request.token.encode(), self.spec.token.encode()):
+            return InjectRefused("permission_denied", "wrong token: give the job's --token-file or FLASHRUN_TOKEN")
+        if not self.spec.allow_inject:
+            return InjectRefused("permission_denied", "this job was not started with --allow-inject")
+        if request.fault not in (*RANK_FAULTS, NODE_FAULT):
+            return InjectRefused("invalid_argument", f"unknown fault {request.fault!r}: use one of "
+                                                     f"{', '.join((*RANK_FAULTS, NODE_FAULT))}")
+        if self.phase is not Phase.RUNNING:
+            why = {Phase.RENDEZVOUS: "has not started yet (the rendezvous is not complete)",
+                   Phase.RECOVERING: f"is recovering (generation {self.generation}); retry once it runs again",
+                   Phase.STOPPING: f"is stopping its workers (generation {self.generation}); retry once it runs"
+                   }.get(self.phase, f"has {self.phase.value}")
+            return InjectRefused("failed_precondition", f"the job {why}")
+        if request.fault == NODE_FAULT:
+            return self._node_fault_refusal(request, colocated_agent)
+        rank = request.rank
+        if rank is None or not 0 <= rank < self.world_size:
+            return InjectRefused("invalid_argument", f"rank {rank} does not exist: the job's ranks are "
+                                                     f"0..{self.world_size - 1}")
+        if request.at_step is None and request.fault not in STEP_LOOP_FAULTS:
+            return None  # the agent signals the process itself: no library needed
+        report = self.detector.last_report(rank) if self.detector else None
+        if report is None:
+            return InjectRefused("failed_precondition", f"rank {rank} has not reported its progress yet; retry in "
+                                                        "a moment")
+        if not report.recoverable:
+            what = request.fault if request.at_step is None else f"{request.fault} with --at-step"
+            return InjectRefused("failed_precondition", f"rank {rank} does not run flashrun's step loop "
+                                 f"(run.steps()): {what} needs it; kill or stop without --at-step work on any worker")
+        if request.at_step is not None and request.at_step <= report.step:
+            return InjectRefused("invalid_argument", f"rank {rank} already completed step {request.at_step} (it "
+                                                     f"is past step {report.step}): give a later --at-step")
+        return None
+
+    def _node_fault_refusal(self, request: InjectRequest, colocated_agent: str) -> InjectRefused | None:
+        nodes = sorted(a.node_rank for a in self.assignments.values())
+        if request.node not in nodes:
+            return InjectRefused("invalid_argument", f"node {request.node} does not exist: the job's nodes are "
+                                                     f"{nodes[0]}..{nodes[-1]}")
+        if request.at_step is not None:
+            return InjectRefused("invalid_argument", f"{NODE_FAULT} happens at once: drop --at-step")
+        agent_id = next(a for a, asg in self.assignments.items() if asg.node_rank == request.node)
+        if agent_id == colocated_agent:
+            return InjectRefused("failed_precondition", f"node {request.node}'s launcher also hosts the coordinator: "
+                                 "killing it would end the job, not drill a node loss; kill another node, or run "
+                                 "the coordinator on its own (flashrun coordinator)")
+        return None
+
+    def _owner(self, rank: int) -> tuple[str, NodeAssignment]:
+        return next((agent_id, a) for agent_id, a in self.assignments.items()
+                    if a.rank_offset <= rank < a.rank_offset + a.local_world_size)
 
     # Internals ----------------------------------------------------------------------------------------------
 
