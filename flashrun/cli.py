@@ -317,7 +317,25 @@ def status(rdzv_endpoint: str, token_file: str | None, as_json: bool) -> None:
     click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
 
 
-SUBCOMMANDS = {"coordinator": coordinator, "status": status}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("log_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for scripts.")
+def report(log_dir: str, as_json: bool) -> None:
+    """Per failure its kind, culprit and recovery phases, and the time and steps failures cost the job, from
+    LOG_DIR/events.jsonl (the run's --log-dir)."""
+    from flashrun.report import format_report, load_report, report_json
+
+    try:
+        built = load_report(log_dir)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    if built.skipped_lines:
+        click.echo(f"flashrun: warning: skipped {built.skipped_lines} malformed line(s) of {built.source}", err=True)
+    click.echo(report_json(built) if as_json else format_report(built))
+
+
+SUBCOMMANDS = {"coordinator": coordinator, "status": status, "report": report}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
