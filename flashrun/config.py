@@ -92,8 +92,12 @@ class LaunchConfig:
     prewarm: bool = True
     """Keep a zygote that has imported torch, to fork replacement workers from."""
     prewarm_modules: tuple[str, ...] = ()
+    allow_inject: bool = False
+    """--allow-inject: the hosted coordinator accepts `flashrun inject` fault drills."""
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """The launcher's environment as the user gave it: what workers inherit."""
+    live: bool = True
+    """Show the live job panel when stdout is a terminal (--no-live: plain prefixed logs and event lines)."""
 
     @property
     def hosts_coordinator(self) -> bool:
@@ -235,6 +239,10 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+NODE_TIMEOUT_SUMMARIES = 4
+"""A node is lost only after missing at least this many of its summaries in a row."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """Failure detection settings (coordinator and agents). Order: interval < timeout < stall floor."""
@@ -254,6 +262,17 @@ class Detection:
     """...but never longer than this; also the limit before the first step of a generation completes."""
     straggler_lag_steps: int = 2
     """A progressing rank this many steps behind the leader is reported as a straggler, not a failure."""
+    summary_budget_per_s: float = 2000.0
+    """Node summaries per second the coordinator takes from the whole job. Each agent summarises every
+    max(heartbeat interval, nodes / budget) seconds, so the coordinator's load stays flat as the job grows; what is
+    urgent (a silent worker, a recovery's progress, an exit) is sent at once whatever the interval."""
+
+    def summary_interval_s(self, nnodes: int) -> float:
+        return max(self.heartbeat_interval_s, nnodes / self.summary_budget_per_s)
+
+    def node_timeout_for(self, nnodes: int) -> float:
+        """The node timeout, stretched when summaries are spaced out so far that a few late ones could trip it."""
+        return max(self.node_timeout_s, NODE_TIMEOUT_SUMMARIES * self.summary_interval_s(nnodes))
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:

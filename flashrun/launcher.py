@@ -10,13 +10,16 @@ import socket
 import tempfile
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from flashrun.agent.agent import FORWARDED_SIGNALS, Agent, say
 from flashrun.config import Endpoint, LaunchConfig
 from flashrun.coordinator.job import Event, JobSpec
 from flashrun.coordinator.server import CoordinatorServer
 from flashrun.errors import EXIT_SIGNAL_BASE, FlashrunError
+from flashrun.status import fetch_status
+from flashrun.view.live import LOCAL_POLL_S, REMOTE_POLL_S, VIEW_MAX_RANKS, LiveView, PlainView, is_live_terminal
 
 COORDINATOR_LINGER_S = 10.0
 """After the job ends, how long the hosting launcher waits for other agents to read their Shutdown."""
@@ -26,9 +29,11 @@ CONSOLE_EVENTS = {"failure", "straggler", "restarting", "job_failed", "agent_rej
 
 
 class EventLog:
-    """Appends the coordinator's events to <log-dir>/events.jsonl and echoes the important ones."""
+    """Appends the coordinator's events to <log-dir>/events.jsonl and echoes the important ones (or, with a job view,
+    hands every record to `echo`)."""
 
     def __init__(self, log_dir: str | None) -> None:
+        self.echo: Callable[[dict[str, Any]], None] | None = None
         self._lock = threading.Lock()
         self._file: TextIO | None = None
         if log_dir:
@@ -36,12 +41,15 @@ class EventLog:
             self._file = open(os.path.join(log_dir, "events.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
 
     def __call__(self, event: Event) -> None:
-        record = {"ts": time.time(), "event": event.name, "generation": event.generation, **event.fields}
+        record = event.record(time.time())
         with self._lock:
             if self._file is not None:
                 self._file.write(json.dumps(record) + "\n")
                 self._file.flush()
-        if event.name in CONSOLE_EVENTS:
+        echo = self.echo
+        if echo is not None:
+            echo(record)
+        elif event.name in CONSOLE_EVENTS:
             details = " ".join(f"{key}={value}" for key, value in event.fields.items())
             say(f"[gen {event.generation}] {event.name} {details}")
 
@@ -125,13 +133,18 @@ def launch(config: LaunchConfig) -> int:
         bind, endpoint = _coordinator_plan(config)
         agent = Agent(config, run_dir)
         previous = {signum: signal.signal(signum, agent.on_signal) for signum in FORWARDED_SIGNALS}
+        view: LiveView | PlainView | None = None
         try:
             if bind is not None:
                 coordinator = _host_coordinator(config, bind, endpoint, events, run_dir)
                 if coordinator is not None and endpoint.port == 0:
                     endpoint = Endpoint(endpoint.host, coordinator.port)
+            view = _start_view(config, coordinator, endpoint, events)
             code = agent.run(endpoint)
         finally:
+            if view is not None:
+                view.stop()
+                events.echo = None
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if coordinator is not None and not coordinator.finished:
@@ -149,6 +162,33 @@ def launch(config: LaunchConfig) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _start_view(
+    config: LaunchConfig, coordinator: CoordinatorServer | None, endpoint: Endpoint, events: EventLog
+) -> LiveView | PlainView | None:
+    """The live panel in a terminal; elsewhere, event and status lines from the launcher hosting the coordinator."""
+    from rich.console import Console
+
+    if coordinator is not None:
+        hosted = coordinator
+
+        def source() -> dict[str, Any]:
+            return hosted.status(VIEW_MAX_RANKS)
+    else:
+        def source() -> dict[str, Any]:
+            return fetch_status(endpoint, config.token, max_ranks=VIEW_MAX_RANKS)
+
+    view: LiveView | PlainView
+    if config.live and is_live_terminal(Console()):
+        view = LiveView(source, LOCAL_POLL_S if coordinator else REMOTE_POLL_S, fresh_on_stop=coordinator is not None)
+    elif coordinator is not None:
+        view = PlainView(source)
+    else:
+        return None  # each node of a big job would repeat the same lines; the hosting launcher prints them
+    view.start()
+    events.echo = view.on_event
+    return view
+
+
 def _host_coordinator(
     config: LaunchConfig, bind: Endpoint, endpoint: Endpoint, events: EventLog, run_dir: str
 ) -> CoordinatorServer | None:
@@ -156,6 +196,7 @@ def _host_coordinator(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
         max_restarts=config.max_restarts,
         stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection, max_recoveries=config.max_recoveries,
+        allow_inject=config.allow_inject,
     )
     store_host = config.master_addr or endpoint.host
     server = CoordinatorServer(spec, bind, store_host, config.master_port, events)

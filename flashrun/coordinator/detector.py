@@ -66,16 +66,49 @@ class _RankState:
     history: collections.deque[tuple[float, int]]
 
 
+@dataclasses.dataclass
+class _NodeState:
+    """What the latest summary of one node says, folded into the few numbers the job-wide checks need."""
+
+    ranks: list[int]
+    seen: float
+    min_step: int | None = None
+    """Lowest last-completed step among the node's library ranks (None: none of them beat yet)."""
+    max_step: int = -1
+    oldest_beat_s: float = -1.0
+    """Largest heartbeat age the agent reported among its unfinished library ranks (-1: none)."""
+    finished: bool = False
+    min_generation: int = -1
+    all_recoverable: bool = False
+    history: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=collections.deque)
+
+
 class FailureDetector:
+    """Costs O(ranks of one node) per summary and O(1) per node per check: job-wide minima and maxima are kept per
+    node and reduced with builtins, and a full scan of the ranks happens only once a check has found something."""
+
     def __init__(self, settings: Detection, ranks_by_node: dict[int, Iterable[int]], now: float,
-                 recent_step_s: Iterable[float] = ()) -> None:
+                 recent_step_s: Iterable[float] = (), generation: int = 0) -> None:
         self.settings = settings
+        self.generation = generation
         self._started_at = now
+        self._nodes: dict[int, _NodeState] = {node: _NodeState(list(ranks), now) for node, ranks in
+                                              ranks_by_node.items()}
         self._node_seen: dict[int, float] = {node: now for node in ranks_by_node}
-        self._node_ranks = {node: tuple(ranks) for node, ranks in ranks_by_node.items()}
+        self._node_timeout_s = settings.node_timeout_for(len(ranks_by_node))
+        self._node_min: dict[int, int] = {}
+        self._node_max: dict[int, int] = {}
+        self._node_oldest_beat: dict[int, float] = {}
+        self._finished_nodes: set[int] = set()
+        self._ready_nodes: set[int] = set()
+        """Nodes whose every rank reported this detector's generation."""
+        self._recoverable_nodes: set[int] = set()
         self._ranks: dict[int, _RankState] = {}
+        self._true_min = -1
+        self._at_true_min = 0
         self._job_step = -1
         self._job_step_at = now
+        self._job_history: collections.deque[tuple[float, int]] = collections.deque()
         self._step_durations: collections.deque[float] = collections.deque(recent_step_s, maxlen=STEP_HISTORY)
         self._reported: set[tuple[str, int | None, tuple[int, ...]]] = set()
         self.stragglers: set[int] = set()
@@ -84,31 +117,93 @@ class FailureDetector:
 
     # Inputs -----------------------------------------------------------------------------------------------
 
-    def observe(self, node_rank: int, reports: Iterable[RankReport], now: float) -> None:
+    def observe(self, node_rank: int, reports: Iterable[RankReport], now: float,
+                rank_offset: int | None = None) -> None:
+        """One node's summary. Reports carry global ranks, or local ranks when `rank_offset` is given."""
         self._node_seen[node_rank] = now
+        node = self._nodes.get(node_rank)
+        if node is None:
+            node = self._nodes[node_rank] = _NodeState([], now)
+        node.seen = now
         for report in reports:
-            state = self._ranks.get(report.rank)
+            rank = report.rank if rank_offset is None else rank_offset + report.local_rank
+            state = self._ranks.get(rank)
             if state is None:
-                state = _RankState(report, now, collections.deque())
-                self._ranks[report.rank] = state
-            state.report = report
-            state.received_at = now
-            if report.step >= 0 and (not state.history or state.history[-1][1] != report.step):
-                state.history.append((now, report.step))
-            while state.history and state.history[0][0] < now - RATE_WINDOW_S and len(state.history) > 1:
-                state.history.popleft()
-        self._update_job_step(now)
+                state = self._ranks[rank] = _RankState(report, now, collections.deque())
+                if rank not in node.ranks:
+                    node.ranks.append(rank)
+            else:
+                state.report = report
+                state.received_at = now
+            history = state.history
+            if report.step >= 0 and (not history or history[-1][1] != report.step):
+                history.append((now, report.step))
+                _trim(history, now)
+        self._fold(node_rank, node, now)
 
-    def _update_job_step(self, now: float) -> None:
-        tracked = [s.report.step for s in self._ranks.values() if s.report.heartbeat_age_s >= 0]
-        if not tracked:
+    def _fold(self, node_rank: int, node: _NodeState, now: float) -> None:
+        lowest: int | None = None
+        highest = -1
+        oldest = -1.0
+        finished = False
+        min_generation: int | None = None
+        recoverable = True
+        for rank in node.ranks:
+            state = self._ranks.get(rank)
+            if state is None:
+                min_generation, recoverable = -1, False
+                continue
+            report = state.report
+            if min_generation is None or report.generation < min_generation:
+                min_generation = report.generation
+            recoverable = recoverable and report.recoverable
+            if report.heartbeat_age_s < 0:
+                continue
+            if lowest is None or report.step < lowest:
+                lowest = report.step
+            highest = max(highest, report.step)
+            if report.finished:
+                finished = True
+            elif report.heartbeat_age_s > oldest:
+                oldest = report.heartbeat_age_s
+        _put(self._node_max, node_rank, highest if lowest is not None else None)
+        _put(self._node_oldest_beat, node_rank, oldest if oldest >= 0 else None)
+        _mark(self._finished_nodes, node_rank, finished)
+        _mark(self._ready_nodes, node_rank, min_generation is not None and min_generation >= self.generation)
+        _mark(self._recoverable_nodes, node_rank, recoverable and bool(node.ranks))
+        if lowest is not None and node.min_step != lowest:
+            node.history.append((now, lowest))
+            _trim(node.history, now)
+        self._move_node_min(node_rank, node.min_step, lowest, now)
+        node.min_step = lowest
+
+    def _move_node_min(self, node_rank: int, old: int | None, new: int | None, now: float) -> None:
+        """Keep the job's step (the slowest library rank's) without scanning every node on every summary: count the
+        nodes sitting at the minimum, and rescan only when the last of them moves on."""
+        if old == new:
             return
-        job_step = min(tracked)
-        if job_step > self._job_step:
+        if new is None:
+            del self._node_min[node_rank]
+        else:
+            self._node_min[node_rank] = new
+        if old is not None and old == self._true_min:
+            self._at_true_min -= 1
+        if new is not None and new == self._true_min:
+            self._at_true_min += 1
+        if self._at_true_min <= 0 or (new is not None and new < self._true_min):
+            values = list(self._node_min.values())
+            if not values:
+                self._true_min, self._at_true_min = -1, 0
+                return
+            self._true_min = min(values)
+            self._at_true_min = values.count(self._true_min)
+        if self._true_min > self._job_step:
             if self._job_step >= 0:
-                self._step_durations.append((now - self._job_step_at) / (job_step - self._job_step))
-            self._job_step = job_step
+                self._step_durations.append((now - self._job_step_at) / (self._true_min - self._job_step))
+            self._job_step = self._true_min
             self._job_step_at = now
+            self._job_history.append((now, self._job_step))
+            _trim(self._job_history, now)
 
     def resume(self, now: float) -> None:
         """The job steps again after a recovery: time it from now, not from when the failure stopped it."""
@@ -132,10 +227,15 @@ class FailureDetector:
 
     def steps_per_s(self, rank: int) -> float:
         state = self._ranks.get(rank)
-        if state is None or len(state.history) < 2:
-            return 0.0
-        (t0, s0), (t1, s1) = state.history[0], state.history[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        return _rate(state.history) if state else 0.0
+
+    def node_steps_per_s(self, node_rank: int) -> float:
+        node = self._nodes.get(node_rank)
+        return _rate(node.history) if node else 0.0
+
+    @property
+    def job_steps_per_s(self) -> float:
+        return _rate(self._job_history)
 
     def heartbeat_age_s(self, rank: int, now: float) -> float:
         state = self._ranks.get(rank)
@@ -143,7 +243,11 @@ class FailureDetector:
             return -1.0
         return state.report.heartbeat_age_s + (now - state.received_at)
 
+    def node_view(self, node_rank: int) -> _NodeState | None:
+        return self._nodes.get(node_rank)
+
     def reports(self) -> dict[int, RankReport]:
+        """Every rank's latest report: O(world), for decisions taken once per failure, not per summary."""
         return {rank: state.report for rank, state in self._ranks.items()}
 
     def last_report(self, rank: int) -> RankReport | None:
@@ -153,6 +257,19 @@ class FailureDetector:
     @property
     def job_step(self) -> int:
         return self._job_step
+
+    @property
+    def all_ready(self) -> bool:
+        """Every node reported every one of its ranks in this detector's generation."""
+        return len(self._ready_nodes) == len(self._nodes)
+
+    @property
+    def all_recoverable(self) -> bool:
+        return len(self._recoverable_nodes) == len(self._nodes)
+
+    @property
+    def any_finished(self) -> bool:
+        return bool(self._finished_nodes)
 
     # Decisions --------------------------------------------------------------------------------------------
 
@@ -169,9 +286,11 @@ class FailureDetector:
         return fresh
 
     def _lost_nodes(self, now: float) -> list[Detected]:
-        timeout = self.settings.node_timeout_s
+        timeout = self._node_timeout_s
+        if not self._node_seen or now - min(self._node_seen.values()) <= timeout:
+            return []
         return [
-            Detected("node_lost", self._node_ranks[node], node,
+            Detected("node_lost", tuple(sorted(self._nodes[node].ranks)), node,
                      f"no summary from node {node} for {now - seen:.2f} s (timeout {timeout:g} s)")
             for node, seen in sorted(self._node_seen.items()) if now - seen > timeout
         ]
@@ -180,23 +299,28 @@ class FailureDetector:
         # Judged on the age the agent measured, not extrapolated: if the agent's summaries are late, the node is
         # suspect (node_lost, after its own timeout), not each of its workers.
         timeout = self.settings.heartbeat_timeout_s
+        if not self._node_oldest_beat or max(self._node_oldest_beat.values()) <= timeout:
+            return []
         found = []
-        for rank, state in sorted(self._ranks.items()):
-            age = state.report.heartbeat_age_s
-            if age > timeout and not state.report.finished:
-                found.append(Detected("unresponsive", (rank,), state.report.node_rank,
-                                      f"no heartbeat from rank {rank} (pid {state.report.pid}) for {age:.2f} s "
-                                      f"(timeout {timeout:g} s); last completed step {state.report.step}"))
+        for node_rank in sorted(n for n, age in self._node_oldest_beat.items() if age > timeout):
+            for rank in sorted(self._nodes[node_rank].ranks):
+                report = self._ranks[rank].report
+                age = report.heartbeat_age_s
+                if age > timeout and not report.finished:
+                    found.append(Detected("unresponsive", (rank,), node_rank,
+                                          f"no heartbeat from rank {rank} (pid {report.pid}) for {age:.2f} s "
+                                          f"(timeout {timeout:g} s); last completed step {report.step}"))
         return found
 
     def _stalled(self, now: float) -> list[Detected]:
-        tracked = {rank: s.report for rank, s in self._ranks.items() if s.report.heartbeat_age_s >= 0}
-        if not tracked or any(report.finished for report in tracked.values()):
-            return []  # the loop is over somewhere: the others are finishing too, not stalled
+        if not self._node_min or self._finished_nodes:
+            return []  # nobody beats, or the loop is over somewhere: the others are finishing too, not stalled
         idle = now - self._job_step_at
         threshold = self.stall_threshold_s()
         if idle <= threshold:
             return []
+        tracked = {rank: s.report for rank, s in self._ranks.items() if s.report.heartbeat_age_s >= 0}
+        node_of = {rank: node_rank for node_rank, node in self._nodes.items() for rank in node.ranks}
         waiting = {r: rep for r, rep in tracked.items() if rep.in_collective}
         base = f"no step completed for {idle:.2f} s (threshold {threshold:.2f} s) after step {self._job_step}"
         if waiting:
@@ -205,10 +329,10 @@ class FailureDetector:
             name = next(rep.collective for rep in waiting.values() if rep.collective_seq == seq)
             culprits = tuple(sorted(set(tracked) - blocked))
             if culprits:
-                nodes = {tracked[r].node_rank for r in culprits}
+                nodes = {node_of.get(r) for r in culprits}
                 return [Detected("stalled", culprits, nodes.pop() if len(nodes) == 1 else None,
-                                 f"{base}; ranks {sorted(blocked)} wait in {name} #{seq}, ranks {list(culprits)} "
-                                 "never entered it")]
+                                 f"{base}; ranks {_ranks_text(blocked)} wait in {name} #{seq}, ranks "
+                                 f"{_ranks_text(culprits)} never entered it")]
             return [Detected("stalled", (), None, f"{base}; every rank waits in {name} #{seq}: no single culprit "
                                                   "(a lost peer connection or a hang below the collective)")]
         return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit")]
@@ -224,11 +348,51 @@ class FailureDetector:
     def _update_stragglers(self, now: float) -> None:
         # Heartbeats sample steps at different moments on different ranks, so a short lag is noise: only a lag
         # that persists for STRAGGLER_PERSIST_INTERVALS heartbeat intervals makes a straggler.
-        tracked = [s.report for s in self._ranks.values() if s.report.heartbeat_age_s >= 0]
-        if not tracked:
+        if not self._node_max:
             return
-        leader = self.leader_step = max(rep.step for rep in tracked)
-        lagging = {rep.rank for rep in tracked if leader - rep.step >= self._straggler_lag() and not rep.finished}
+        leader = self.leader_step = max(self._node_max.values())
+        lag = self._straggler_lag()
+        lagging: set[int] = set()
+        if leader - self._true_min >= lag:
+            for node_rank in [n for n, low in self._node_min.items() if leader - low >= lag]:
+                for rank in self._nodes[node_rank].ranks:
+                    report = self._ranks[rank].report if rank in self._ranks else None
+                    if report and report.heartbeat_age_s >= 0 and leader - report.step >= lag and not report.finished:
+                        lagging.add(rank)
         self._lagging_since = {rank: self._lagging_since.get(rank, now) for rank in lagging}
         persist = STRAGGLER_PERSIST_INTERVALS * self.settings.heartbeat_interval_s
         self.stragglers = {rank for rank, since in self._lagging_since.items() if now - since >= persist}
+
+
+def _trim(history: collections.deque[tuple[float, int]], now: float) -> None:
+    while len(history) > 1 and history[0][0] < now - RATE_WINDOW_S:
+        history.popleft()
+
+
+def _rate(history: collections.deque[tuple[float, int]]) -> float:
+    if len(history) < 2:
+        return 0.0
+    (t0, s0), (t1, s1) = history[0], history[-1]
+    return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def _put(values: dict[int, float], key: int, value: float | None) -> None:
+    if value is None:
+        values.pop(key, None)
+    else:
+        values[key] = value
+
+
+def _mark(members: set[int], key: int, present: bool) -> None:
+    if present:
+        members.add(key)
+    else:
+        members.discard(key)
+
+
+def _ranks_text(ranks: Iterable[int], shown: int = 16) -> str:
+    """A rank list for evidence: in full when short, else its first ranks and a count (32,768 ranks can stall)."""
+    ordered = sorted(ranks)
+    if len(ordered) <= shown:
+        return str(ordered)
+    return f"[{', '.join(map(str, ordered[:shown]))}, ... {len(ordered) - shown} more]"

@@ -17,10 +17,12 @@ carries out the commands it returns. Lifecycle:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import hmac
 import signal
+from collections.abc import Iterable
 from typing import Any
 
 from flashrun.config import PROTOCOL_VERSION, Detection
@@ -28,6 +30,12 @@ from flashrun.coordinator.detector import Detected, FailureDetector, RankReport
 from flashrun.coordinator.ranks import Member, NodeAssignment, assign_ranks
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNRECOVERABLE
 from flashrun.inject import NODE_FAULT, RANK_FAULTS, STEP_LOOP_FAULTS
+
+STATE_SEVERITY = {
+    "lost": 0, "crash": 1, "unresponsive": 1, "stalled": 1, "escalated": 1, "failed": 1, "stopping": 2,
+    "recovering": 3, "straggler": 4, "ready": 5, "rendezvous": 6, "running": 6, "succeeded": 7,
+}
+"""How bad a rank's state is: a node shows its worst rank's."""
 
 
 class Phase(enum.Enum):
@@ -177,6 +185,10 @@ class Event:
     generation: int
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def record(self, ts: float) -> dict[str, Any]:
+        """The event as one line of events.jsonl (and of the status snapshot's recent events)."""
+        return {"ts": ts, "event": self.name, "generation": self.generation, **self.fields}
+
 
 @dataclasses.dataclass
 class Output:
@@ -198,6 +210,8 @@ class Failure:
     exit_code: int | None = None
     error_message: str = ""
     traceback: str = ""
+    exited_at: float | None = None
+    """A crash's exit, Unix time as its agent saw it: the failure's onset, for detection latency."""
 
     def describe(self) -> str:
         if self.kind != "crash":
@@ -246,6 +260,8 @@ class Job:
         self._recovery_began: float | None = None
         self._awaiting_step: tuple[int, float] | None = None
         """After a recovery: (the step to complete, when the failure was detected), for the timeline."""
+        self._replacements: dict[int, int] = {}
+        """How often each rank's process was replaced by an in-place recovery."""
 
     @property
     def world_size(self) -> int:
@@ -279,7 +295,8 @@ class Job:
         if len(self.members) == self.spec.min_nodes:
             self._start_first_generation(out, now)
         else:
-            out.commands.extend(Wait(agent_id, len(self.members), self.spec.min_nodes) for agent_id in self.members)
+            # Only the newcomer hears the count: telling every member of every join is quadratic in the nodes.
+            out.commands.append(Wait(member.agent_id, len(self.members), self.spec.min_nodes))
         return out
 
     def disconnect(self, agent_id: str, now: float) -> Output:
@@ -335,6 +352,7 @@ class Job:
         failure = Failure(
             "crash", (rank,), assignment.node_rank, member.hostname, "", self.generation, local_rank=exit.local_rank,
             exit_code=exit.exit_code, error_message=exit.error_message, traceback=exit.traceback,
+            exited_at=exit.timestamp or None,
         )
         failure = dataclasses.replace(failure, evidence=failure.describe())
         self._record_failure(out, failure)
@@ -355,20 +373,17 @@ class Job:
         assignment = self.assignments.get(agent_id)
         if assignment is None or generation != self.generation or self.detector is None:
             return Output()
-        self.detector.observe(assignment.node_rank, [
-            dataclasses.replace(r, rank=assignment.rank_offset + r.local_rank, node_rank=assignment.node_rank)
-            for r in reports
-        ], now)
+        # O(ranks of this node): a job of thousands of nodes sends thousands of these per second.
+        offset = assignment.rank_offset
+        self.detector.observe(assignment.node_rank, reports, now, rank_offset=offset)
+        for report in reports:
+            self._pids[offset + report.local_rank] = report.pid
         out = Output()
-        reports_now = self.detector.reports()
-        self._pids.update({rank: report.pid for rank, report in reports_now.items()})
-        if self.phase is Phase.RUNNING and not self._recoverable_job and len(reports_now) == self.world_size \
-                and all(r.recoverable for r in reports_now.values()):
+        if self.phase is Phase.RUNNING and not self._recoverable_job and self.detector.all_recoverable:
             self._recoverable_job = True
             out.events.append(Event("recoverable", self.generation, {}))
-        if self.phase is Phase.RECOVERING and len(reports_now) == self.world_size \
-                and all(r.generation == self.generation for r in reports_now.values()):
-            self._complete_recovery(out, now, reports_now)
+        if self.phase is Phase.RECOVERING and self.detector.all_ready:
+            self._complete_recovery(out, now, self.detector.reports())
         elif self._awaiting_step is not None and self.detector.job_step >= self._awaiting_step[0]:
             step, detected_at = self._awaiting_step
             self._awaiting_step = None
@@ -567,7 +582,7 @@ class Job:
         ranks_by_node = {
             a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
         }
-        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now)
+        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, generation=self.generation)
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
 
     def _can_recover(self, failed: set[int]) -> bool:
@@ -620,7 +635,9 @@ class Job:
             a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
         }
         previous = self.detector.recent_step_s if self.detector else ()
-        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous)
+        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous, generation=self.generation)
+        for rank in ranks:
+            self._replacements[rank] = self._replacements.get(rank, 0) + 1
         for agent_id, a in self.assignments.items():
             local = tuple(r - a.rank_offset for r in sorted(ranks) if a.rank_offset <= r < a.rank_offset
                           + a.local_world_size)
@@ -657,6 +674,12 @@ class Job:
             fields["node"] = failure.node_rank
         if failure.exit_code is not None:
             fields["exit_code"] = failure.exit_code
+        if failure.exited_at is not None:
+            fields["exited_at"] = failure.exited_at
+        if self.detector is not None:
+            # What the failure interrupted: steps redone after a recovery are counted from these.
+            fields["job_step"] = self.detector.job_step
+            fields["leader_step"] = self.detector.leader_step
         out.events.append(Event("failure", self.generation, fields))
 
     def _from_detected(self, found: Detected) -> Failure:
@@ -688,38 +711,88 @@ class Job:
 
     # Status -------------------------------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """The job as `flashrun status --json` shows it: plain data, no references into the state machine."""
+    def snapshot(self, now: float, max_ranks: int = 0) -> dict[str, Any]:
+        """The job as `flashrun status --json` and the live view show it: plain data, no references into the state
+        machine. With `max_ranks` > 0 and a larger world, only ranks that are not plainly running are listed (at
+        most `max_ranks`); node rows always cover every node, so the cost follows the node count."""
+        complete = max_ranks <= 0 or self.world_size <= max_ranks
         failed_kind = {r: f.kind for f in self.failures if f.generation == self.generation for r in f.ranks}
         succeeded = {self.assignments[a].rank_offset + lr for a, lr in self._succeeded if a in self.assignments}
-        ranks = []
-        for agent_id, a in sorted(self.assignments.items(), key=lambda item: item[1].node_rank):
+        by_node = sorted(self.assignments.items(), key=lambda item: item[1].node_rank)
+        offsets = [a.rank_offset for _, a in by_node]
+        notable: dict[int, set[int]] = {}
+        for rank in {*failed_kind, *self._stragglers, *self._replacements}:
+            notable.setdefault(bisect.bisect_right(offsets, rank) - 1, set()).add(rank)
+        nodes: list[dict[str, Any]] = []
+        ranks: list[dict[str, Any]] = []
+        for index, (agent_id, a) in enumerate(by_node):
             member = self.members.get(agent_id)
-            for rank in range(a.rank_offset, a.rank_offset + a.local_world_size):
-                report = self.detector.last_report(rank) if self.detector else None
-                if rank in failed_kind:
-                    state = "lost" if failed_kind[rank] == "node_lost" else failed_kind[rank]
-                elif rank in succeeded:
-                    state = "succeeded"
-                elif self.phase is Phase.STOPPING:
-                    state = "stopping"
-                elif self.phase is Phase.RECOVERING:
-                    state = "ready" if report and report.generation == self.generation else "recovering"
-                elif self.phase is Phase.RUNNING:
-                    state = "straggler" if rank in self._stragglers else "running"
-                else:
-                    state = self.phase.value
-                ranks.append({
-                    "rank": rank, "node": a.node_rank, "host": member.hostname if member else "",
-                    "pid": report.pid if report else 0, "state": state, "step": report.step if report else -1,
-                    "steps_per_s": round(self.detector.steps_per_s(rank), 3) if self.detector else 0.0,
-                    "heartbeat_age_s": round(self.detector.heartbeat_age_s(rank, now), 3) if self.detector else -1.0,
-                })
+            host = member.hostname if member else ""
+            view = self.detector.node_view(a.node_rank) if self.detector else None
+            default = self._default_state(view)
+            node_ranks = range(a.rank_offset, a.rank_offset + a.local_world_size)
+            states = {r: self._rank_state(r, failed_kind, succeeded, default) for r in notable.get(index, ())}
+            if all(r in succeeded for r in node_ranks):
+                default = "succeeded"
+            if complete:
+                listed: Iterable[int] = node_ranks
+            elif default in ("recovering", "stopping"):
+                listed = node_ranks
+            else:
+                listed = sorted(r for r, state in states.items() if state not in ("running", "succeeded"))
+            for rank in listed:
+                if complete or len(ranks) < max_ranks:
+                    ranks.append(self._rank_row(rank, a.node_rank, host, states.get(rank) or self._rank_state(
+                        rank, failed_kind, succeeded, default), now))
+            oldest = view.oldest_beat_s + (now - view.seen) if view and view.oldest_beat_s >= 0 else -1.0
+            nodes.append({
+                "node": a.node_rank, "host": host,
+                "state": min([default, *states.values()], key=lambda state: STATE_SEVERITY.get(state, 99)),
+                "ranks": a.local_world_size,
+                "min_step": view.min_step if view and view.min_step is not None else -1,
+                "max_step": view.max_step if view else -1,
+                "steps_per_s": round(self.detector.node_steps_per_s(a.node_rank), 3) if self.detector else 0.0,
+                "heartbeat_age_s": round(oldest, 3),
+                "restarts": sum(self._replacements.get(r, 0) for r in notable.get(index, ())),
+            })
         return {
             "run_id": self.spec.run_id, "phase": self.phase.value, "generation": self.generation,
             "restarts": self.restarts, "recoveries": self.recoveries, "world_size": self.world_size,
-            "nnodes": len(self.assignments),
-            "spares": len(self.spares), "ranks": ranks,
+            "nnodes": len(self.assignments), "spares": len(self.spares),
+            "job_step": self.detector.job_step if self.detector else -1,
+            "steps_per_s": round(self.detector.job_steps_per_s, 3) if self.detector else 0.0,
+            "nodes": nodes, "ranks": ranks, "ranks_complete": complete,
+        }
+
+    def _default_state(self, view: Any) -> str:
+        """A rank's state when nothing particular happened to it: what the job's phase says."""
+        if self.phase is Phase.STOPPING:
+            return "stopping"
+        if self.phase is Phase.RECOVERING:
+            ready = view is not None and self.detector is not None and view.min_generation >= self.generation
+            return "ready" if ready else "recovering"
+        return self.phase.value
+
+    def _rank_state(self, rank: int, failed_kind: dict[int, str], succeeded: set[int], default: str) -> str:
+        if rank in failed_kind:
+            return "lost" if failed_kind[rank] == "node_lost" else failed_kind[rank]
+        if rank in succeeded:
+            return "succeeded"
+        if self.phase is Phase.RECOVERING and self.detector is not None:
+            report = self.detector.last_report(rank)
+            return "ready" if report and report.generation == self.generation else "recovering"
+        if self.phase is Phase.RUNNING and rank in self._stragglers:
+            return "straggler"
+        return default
+
+    def _rank_row(self, rank: int, node_rank: int, host: str, state: str, now: float) -> dict[str, Any]:
+        report = self.detector.last_report(rank) if self.detector else None
+        return {
+            "rank": rank, "node": node_rank, "host": host, "pid": report.pid if report else 0, "state": state,
+            "step": report.step if report else -1,
+            "steps_per_s": round(self.detector.steps_per_s(rank), 3) if self.detector else 0.0,
+            "heartbeat_age_s": round(self.detector.heartbeat_age_s(rank, now), 3) if self.detector else -1.0,
+            "restarts": self._replacements.get(rank, 0),
         }
 
     def _fail(self, out: Output, reason: str) -> None:

@@ -1,18 +1,23 @@
 """The coordinator's gRPC shell: feeds agent messages and clock ticks to the pure `Job`, carries out its commands.
 
+It runs on grpc.aio, in one event-loop thread of its own: an agent's stream costs a task, not a thread, so thousands
+of nodes fit in one process, and a Recover or Shutdown reaches every agent through concurrent writes. The `Job` is
+touched under a lock because `status()` and `abort()` are also called from the launcher's threads.
+
 It also hosts the TCPStore the workers rendezvous on (MASTER_ADDR:MASTER_PORT). Workers under torchrun's agent
 store do not prefix their keys by attempt, so every generation gets a fresh store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import hmac
 import json
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -26,11 +31,16 @@ from flashrun.coordinator.detector import RankReport
 from flashrun.errors import FlashrunError
 
 TICK_INTERVAL_S = 0.05
-"""How often deadlines (rendezvous last call, stop acknowledgements) are checked."""
-MAX_AGENT_STREAMS = 256
-"""gRPC threads: each agent stream holds one for the job's life."""
+"""How often deadlines (rendezvous last call, stop acknowledgements) and the failure detector are checked."""
+START_TIMEOUT_S = 30.0
+"""How long starting or stopping the event loop's gRPC server may take."""
+RECENT_EVENTS = 20
+"""Events kept for the status snapshot (the live view's event list)."""
+STATUS_CACHE_S = 0.2
+"""A status snapshot is reused this long: many viewers polling a large job cost one snapshot per period."""
 
 EventSink = Callable[[jobs.Event], None]
+_Outbox = asyncio.Queue  # of pb.CoordinatorMessage | None: None closes the agent's stream
 
 
 def _store_factory(host: str, port: int) -> Any:
@@ -51,11 +61,15 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._on_event = on_event
         self._on_finished = on_finished
         self._lock = threading.Lock()
-        self._outboxes: dict[str, queue.SimpleQueue[pb.CoordinatorMessage | None]] = {}
+        self._outboxes: dict[str, _Outbox] = {}
         self._stores: collections.deque[Any] = collections.deque(maxlen=2)
         self._next_store: Any = None
-        self._stopping = threading.Event()
-        self._server: grpc.Server | None = None
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self._status_cache: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._started_at = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
         self.port = 0
 
     # Lifecycle ----------------------------------------------------------------------------------------------
@@ -68,25 +82,48 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         except Exception as err:  # noqa: BLE001 - torch reports a taken port as a generic error
             raise FlashrunError(f"cannot host the workers' TCPStore on port {self._first_store_port}: {err}; "
                                 "choose another --master-port") from None
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=MAX_AGENT_STREAMS, thread_name_prefix="flashrun-coord"),
-            options=[("grpc.so_reuseport", 0)],  # two coordinators on one port must fail, not share it
-        )
+        loop = asyncio.new_event_loop()
+        started: futures.Future[int] = futures.Future()
+        self._thread = threading.Thread(target=self._serve, args=(loop, started), name="flashrun-coordinator",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            port = started.result(START_TIMEOUT_S)
+        except FlashrunError:
+            self._thread.join(START_TIMEOUT_S)
+            raise
+        self._loop = loop
+        self.port = port
+        self._started_at = time.monotonic()
+        return port
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, started: futures.Future[int]) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open(started))
+            if started.exception() is None:
+                loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _open(self, started: futures.Future[int]) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # two coordinators on one port must fail
         pb_grpc.add_CoordinatorServicer_to_server(self, server)
         try:
             port = server.add_insecure_port(str(self._bind))
         except RuntimeError:
             port = 0
         if port == 0:
-            raise FlashrunError(
+            started.set_exception(FlashrunError(
                 f"cannot listen on {self._bind}: the port is in use or the address is not on this machine; "
                 "choose another --rdzv-endpoint port"
-            )
-        server.start()
+            ))
+            await server.stop(None)
+            return
+        await server.start()
         self._server = server
-        self.port = port
-        threading.Thread(target=self._tick_loop, name="flashrun-coord-tick", daemon=True).start()
-        return port
+        asyncio.get_running_loop().create_task(self._tick_loop())
+        started.set_result(port)
 
     @property
     def finished(self) -> bool:
@@ -99,40 +136,89 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             return self._job.exit_code if self._job.exit_code is not None else 1
 
     def abort(self, reason: str) -> None:
-        with self._lock:
-            self._apply(self._job.abort(reason))
+        self._call_in_loop(lambda: self._apply(self._job.abort(reason)))
 
     def stop(self, grace_s: float) -> None:
         """Wait up to `grace_s` for agents to read their Shutdown and hang up, then close everything."""
+        loop = self._loop
+        if loop is None:
+            return
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             with self._lock:
                 if not self._outboxes:
                     break
             time.sleep(TICK_INTERVAL_S)
-        self._stopping.set()
+        with contextlib.suppress(futures.TimeoutError, RuntimeError):  # the loop is gone already
+            asyncio.run_coroutine_threadsafe(self._close_all(), loop).result(START_TIMEOUT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(START_TIMEOUT_S)
+        self._loop = None
+        self._stores.clear()
+
+    async def _close_all(self) -> None:
         with self._lock:
             for outbox in self._outboxes.values():
-                outbox.put(None)
+                outbox.put_nowait(None)
             self._outboxes.clear()
         if self._server is not None:
-            self._server.stop(grace=None).wait()
-        self._stores.clear()
+            await self._server.stop(None)
+
+    def _call_in_loop(self, action: Callable[[], None]) -> None:
+        """Run `action` under the lock on the loop thread (outboxes are asyncio queues); inline when called there."""
+        loop = self._loop
+        if loop is None or threading.current_thread() is self._thread:
+            with self._lock:
+                action()
+            return
+
+        def locked() -> None:
+            with self._lock:
+                action()
+
+        done: futures.Future[None] = futures.Future()
+
+        def run() -> None:
+            try:
+                locked()
+                done.set_result(None)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                done.set_exception(err)
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:
+            return  # the loop is closed: nothing is left to tell
+        done.result(START_TIMEOUT_S)
+
+    # Status -------------------------------------------------------------------------------------------------
+
+    def status(self, max_ranks: int = 0) -> dict[str, Any]:
+        """The job snapshot (see Job.snapshot) with uptime and the recent events; callable from any thread."""
+        now = time.monotonic()
+        cached = self._status_cache.get(max_ranks)
+        if cached is not None and now - cached[0] < STATUS_CACHE_S:
+            return cached[1]
+        with self._lock:
+            snapshot = self._job.snapshot(now, max_ranks)
+            snapshot["events"] = list(self._recent)
+        snapshot["uptime_s"] = round(now - self._started_at, 3)
+        self._status_cache[max_ranks] = (now, snapshot)
+        return snapshot
 
     # gRPC ---------------------------------------------------------------------------------------------------
 
-    def Connect(self, request_iterator: Iterator[pb.AgentMessage], context: grpc.ServicerContext) -> Iterator[
-            pb.CoordinatorMessage]:
-        try:
-            first = next(request_iterator)
-        except (StopIteration, grpc.RpcError):
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
             return
         if first.WhichOneof("body") != "join":
-            yield pb.CoordinatorMessage(rejected=pb.Rejected(reason="the first message must be a Join"))
+            await context.write(pb.CoordinatorMessage(rejected=pb.Rejected(reason="the first message must be a Join")))
             return
         join = first.join
         agent_id = join.agent_id
-        outbox: queue.SimpleQueue[pb.CoordinatorMessage | None] = queue.SimpleQueue()
+        outbox: _Outbox = asyncio.Queue()
         request = jobs.JoinRequest(
             agent_id=agent_id, hostname=join.hostname, run_id=join.run_id, token=join.token,
             protocol_version=join.protocol_version,
@@ -146,30 +232,40 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             admitted = self._outboxes.get(agent_id) is outbox
         if not admitted:
             # Rejected: _apply has put the Rejected message and the end marker in our outbox.
-            yield from _drain(outbox)
+            await _drain(outbox, context)
             return
-        reader = threading.Thread(
-            target=self._read_agent, args=(agent_id, request_iterator), name="flashrun-coord-read", daemon=True
-        )
-        reader.start()
-        yield from _drain(outbox)
-
-    def _read_agent(self, agent_id: str, request_iterator: Iterator[pb.AgentMessage]) -> None:
+        reader = asyncio.get_running_loop().create_task(self._read_agent(agent_id, context))
         try:
-            for message in request_iterator:
+            await _drain(outbox, context)
+        finally:
+            reader.cancel()
+
+    async def _read_agent(self, agent_id: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while (message := await context.read()) is not grpc.aio.EOF:
                 with self._lock:
                     self._apply(self._handle(agent_id, message))
-        except grpc.RpcError:
+        except (grpc.RpcError, asyncio.CancelledError):
             pass
-        with self._lock:
-            self._apply(self._job.disconnect(agent_id, time.monotonic()))
-            outbox = self._outboxes.pop(agent_id, None)
-        if outbox is not None:
-            outbox.put(None)
+        finally:
+            with self._lock:
+                self._apply(self._job.disconnect(agent_id, time.monotonic()))
+                outbox = self._outboxes.pop(agent_id, None)
+            if outbox is not None:
+                outbox.put_nowait(None)
 
     def _handle(self, agent_id: str, message: pb.AgentMessage) -> jobs.Output:
         now = time.monotonic()
         kind = message.WhichOneof("body")
+        if kind == "summary":
+            summary = message.summary
+            reports = [
+                RankReport(-1, -1, r.local_rank, r.pid, r.step, r.heartbeat_age_s, r.in_collective, r.collective,
+                           r.collective_seq, r.generation, r.recoverable,
+                           _recovery_fields(r.recovery) if r.HasField("recovery") else None, r.finished)
+                for r in summary.ranks
+            ]
+            return self._job.node_summary(agent_id, summary.generation, reports, now)
         if kind == "worker_exited":
             exited = message.worker_exited
             return self._job.worker_exited(agent_id, jobs.WorkerExit(
@@ -180,25 +276,13 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             return self._job.workers_stopped(agent_id, message.workers_stopped.generation, now)
         if kind == "note":
             return self._job.note(agent_id, message.note.event, message.note.detail)
-        if kind == "summary":
-            summary = message.summary
-            reports = [
-                RankReport(rank=-1, node_rank=-1, local_rank=r.local_rank, pid=r.pid, step=r.step,
-                           heartbeat_age_s=r.heartbeat_age_s, in_collective=r.in_collective, collective=r.collective,
-                           collective_seq=r.collective_seq, generation=r.generation, recoverable=r.recoverable,
-                           finished=r.finished,
-                           recovery=_recovery_fields(r.recovery) if r.HasField("recovery") else None)
-                for r in summary.ranks
-            ]
-            return self._job.node_summary(agent_id, summary.generation, reports, now)
         return jobs.Output()
 
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.JobStatus:
         if not hmac.compare_digest(request.token.encode(), self._job.spec.token.encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "wrong token: give the job's --token-file or FLASHRUN_TOKEN")
-        with self._lock:
-            snapshot = self._job.snapshot(time.monotonic())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "wrong token: give the job's --token-file or FLASHRUN_TOKEN")
+        snapshot = self.status(request.max_ranks)
         return pb.JobStatus(
             run_id=snapshot["run_id"], phase=snapshot["phase"], generation=snapshot["generation"],
             restarts=snapshot["restarts"], world_size=snapshot["world_size"], json=json.dumps(snapshot),
@@ -207,8 +291,9 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                                  heartbeat_age_s=r["heartbeat_age_s"]) for r in snapshot["ranks"]],
         )
 
-    def _tick_loop(self) -> None:
-        while not self._stopping.wait(TICK_INTERVAL_S):
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
             with self._lock:
                 self._apply(self._job.tick(time.monotonic()))
 
@@ -217,6 +302,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def _apply(self, output: jobs.Output) -> None:
         """Carry out the job's commands; called with the lock held so their order is the job's order."""
         for event in output.events:
+            self._recent.append(event.record(time.time()))
             self._on_event(event)
             if event.name in ("job_succeeded", "job_failed") and self._on_finished is not None:
                 self._on_finished()
@@ -261,28 +347,31 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def _placement(self, generation: int, node_rank: int, rank_offset: int, world_size: int, nnodes: int,
                    store_port: int) -> pb.StartWorkers:
         # An in-place recovery keeps the store: healthy workers keep their connection, on a new key namespace.
+        detection = self._job.spec.detection
         return pb.StartWorkers(
             generation=generation, node_rank=node_rank, nnodes=nnodes, world_size=world_size,
             rank_offset=rank_offset, master_addr="", master_port=store_port,
             max_restarts=self._job.spec.max_restarts,
-            detection=pb.Detection(heartbeat_interval_s=self._job.spec.detection.heartbeat_interval_s),
+            detection=pb.Detection(heartbeat_interval_s=detection.heartbeat_interval_s,
+                                   summary_interval_s=detection.summary_interval_s(nnodes),
+                                   heartbeat_timeout_s=detection.heartbeat_timeout_s),
         )
 
     def _send(self, agent_id: str, message: pb.CoordinatorMessage) -> None:
         outbox = self._outboxes.get(agent_id)
         if outbox is not None:
-            outbox.put(message)
+            outbox.put_nowait(message)
 
     def _close(self, agent_id: str) -> None:
         outbox = self._outboxes.pop(agent_id, None)
         if outbox is not None:
-            outbox.put(None)
+            outbox.put_nowait(None)
 
 
 def _recovery_fields(recovery: pb.Recovery) -> dict[str, float]:
     return {field.name: float(value) for field, value in recovery.ListFields()}
 
 
-def _drain(outbox: queue.SimpleQueue[pb.CoordinatorMessage | None]) -> Iterator[pb.CoordinatorMessage]:
-    while (message := outbox.get()) is not None:
-        yield message
+async def _drain(outbox: _Outbox, context: grpc.aio.ServicerContext) -> None:
+    while (message := await outbox.get()) is not None:
+        await context.write(message)
