@@ -12,7 +12,9 @@ STATUS_TIMEOUT_S = 5.0
 """How long `flashrun status` waits for the coordinator to answer."""
 
 
-def fetch_status(endpoint: Endpoint, token: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+def fetch_status(endpoint: Endpoint, token: str, timeout_s: float = STATUS_TIMEOUT_S,
+                 max_ranks: int = 0) -> dict[str, Any]:
+    """One snapshot (see Job.snapshot); `max_ranks` > 0 lists only ranks not plainly running, at most that many."""
     import grpc
 
     from flashrun._proto import flashrun_pb2 as pb
@@ -20,7 +22,8 @@ def fetch_status(endpoint: Endpoint, token: str, timeout_s: float = STATUS_TIMEO
 
     with grpc.insecure_channel(str(endpoint)) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(token=token), timeout=timeout_s)
+            reply = pb_grpc.CoordinatorStub(channel).GetStatus(
+                pb.StatusRequest(token=token, max_ranks=max_ranks), timeout=timeout_s)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.PERMISSION_DENIED:  # type: ignore[attr-defined]
                 raise FlashrunError(f"the coordinator at {endpoint} refused: {err.details()}") from None  # type: ignore[attr-defined]
