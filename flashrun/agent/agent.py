@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -26,10 +26,12 @@ from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.agent.beats import HeartbeatBoard
 from flashrun.agent.output import OutputPolicy, attempt_dir
 from flashrun.agent.prewarm import Zygote
+from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message
 from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
 from flashrun.agent.workers import ExitReport, WorkerGroup, die_with_agent
-from flashrun.config import PROTOCOL_VERSION, Detection, Endpoint, LaunchConfig
+from flashrun.config import Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
+from flashrun.inject import NODE_FAULT
 from flashrun.worker.link import REPLACEMENT_ENV
 
 JOIN_POLL_S = 0.5
@@ -54,6 +56,11 @@ class _Signal:
     signum: int
 
 
+def local_agent_id() -> str:
+    """The id of the agent in this process, unique per host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def say(message: str) -> None:
     print(f"flashrun: {message}", file=sys.stderr, flush=True)
 
@@ -68,12 +75,12 @@ class Agent:
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers: WorkerGroup | None = None
         self._board: HeartbeatBoard | None = None
-        self._heartbeat_interval_s = Detection.heartbeat_interval_s
+        self._pacer = SummaryPacer()
         self._summary_now = threading.Event()
         self._zygote: Zygote | None = None
         self._finished = threading.Event()
         self._env = launcher_env(config.base_env, config.nproc_per_node)
-        self.agent_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.agent_id = local_agent_id()
 
     def on_signal(self, signum: int, _frame: object = None) -> None:
         self._events.put(_Signal(signum))
@@ -90,12 +97,10 @@ class Agent:
                                          self._summary_now.set)
             self._wait_for_coordinator(channel)
             stub = pb_grpc.CoordinatorStub(channel)
-            self._outbox.put(pb.AgentMessage(join=pb.Join(
-                protocol_version=PROTOCOL_VERSION, run_id=self._config.run_id, token=self._config.token,
-                node_rank=-1 if self._config.node_rank is None else self._config.node_rank,
-                hostname=self._config.local_addr or socket.gethostname(),
-                local_world_size=self._config.nproc_per_node, agent_id=self.agent_id,
-            )))
+            config = self._config
+            self._outbox.put(join_message(config.run_id, config.token, config.node_rank,
+                                          config.local_addr or socket.gethostname(), config.nproc_per_node,
+                                          self.agent_id))
             responses = stub.Connect(self._requests())
             threading.Thread(target=self._read_coordinator, args=(responses,), name="flashrun-agent-read",
                              daemon=True).start()
@@ -198,8 +203,9 @@ class Agent:
                     self._recover(message.recover)
                 elif kind == "stop":
                     self._stop_workers(signal.SIGTERM, kill_first=message.stop.kill_local_ranks)
-                    self._outbox.put(pb.AgentMessage(
-                        workers_stopped=pb.WorkersStopped(generation=message.stop.generation)))
+                    self._outbox.put(stopped_message(message.stop.generation))
+                elif kind == "inject":
+                    self._inject(message.inject)
                 elif kind == "shutdown":
                     self._stop_workers(signal.SIGTERM)
                     if message.shutdown.summary and message.shutdown.exit_code != 0:
@@ -212,8 +218,7 @@ class Agent:
         self._stop_workers(signal.SIGTERM)
         config = self._config
         assert self._board is not None
-        if start.detection.heartbeat_interval_s > 0:
-            self._heartbeat_interval_s = start.detection.heartbeat_interval_s
+        self._pacer.configure(start.detection)
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
             self._spawn(group, start, local_rank, replacement=False)
@@ -232,7 +237,7 @@ class Agent:
             generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
             master_addr=start.master_addr or config.master_addr or self._endpoint.host,
             master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
-            agent_socket=self._board.socket_path, heartbeat_interval_s=self._heartbeat_interval_s,
+            agent_socket=self._board.socket_path, heartbeat_interval_s=self._pacer.heartbeat_interval_s,
         )
         policy = OutputPolicy(
             prefix=f"[rank{rank}]:".encode(), log_dir=config.log_dir,
@@ -273,8 +278,7 @@ class Agent:
         """In place: replace the faulty local workers, move the healthy ones to the new generation."""
         assert self._board is not None
         placement = recover.placement
-        if placement.detection.heartbeat_interval_s > 0:
-            self._heartbeat_interval_s = placement.detection.heartbeat_interval_s
+        self._pacer.configure(placement.detection)
         if self._workers is None:  # a spare taking over a lost node: every local rank is a replacement
             self._workers = WorkerGroup(recover.generation, self._events.put)
             respawn = list(range(self._config.nproc_per_node))
@@ -290,17 +294,50 @@ class Agent:
             self._spawn(self._workers, placement, local_rank, replacement=True)
         self._summary_now.set()
 
+    def _inject(self, inject: pb.InjectFault) -> None:
+        """A fault drill (`flashrun inject`): signal the worker now, hand it to the worker's step loop, or lose the
+        whole node."""
+        if inject.fault == NODE_FAULT:
+            self._lose_node()
+        what = f"fault drill {inject.fault} for rank {inject.rank}"
+        pid = self._workers.pids_by_local_rank.get(inject.local_rank) if self._workers else None
+        if pid is None or (inject.pid and inject.pid != pid):
+            self._note("fault_skipped", f"{what}: its process {inject.pid or ''} is gone; nothing done")
+            return
+        if inject.at_step < 0 and inject.fault in ("kill", "stop"):
+            say(f"{what}: sending {'SIGKILL' if inject.fault == 'kill' else 'SIGSTOP'} to pid {pid}")
+            try:
+                os.kill(pid, signal.SIGKILL if inject.fault == "kill" else signal.SIGSTOP)
+            except ProcessLookupError:
+                self._note("fault_skipped", f"{what}: pid {pid} exited first; nothing done")
+        elif self._board is None or not self._board.drill(pid, inject.fault, inject.at_step):
+            self._note("fault_skipped", f"{what}: pid {pid} is not attached to flashrun's library; nothing done")
+
+    def _lose_node(self) -> NoReturn:
+        """kill-node: SIGKILL every worker (and the zygote), then exit at once without a word to the coordinator, as
+        a machine that dies would: the coordinator sees the broken stream (node_lost) and a spare takes over."""
+        say("fault drill kill-node: killing this node's workers and leaving the job without telling the "
+            f"coordinator (a simulated node loss); exit code {EXIT_JOB_FAILED}")
+        if self._workers is not None:
+            self._workers.kill(list(self._workers.pids_by_local_rank))
+        if self._zygote is not None:
+            self._zygote.close()
+        os._exit(EXIT_JOB_FAILED)
+
     def _summarise(self) -> None:
-        """One message per node per interval, whatever the number of workers. Its own thread: a main loop busy
-        stopping or spawning workers must not make them look silent."""
+        """One message per node per summary interval, whatever the number of workers; at once when something is
+        urgent (a worker's recovery progress, or a worker newly silent past the heartbeat timeout). Its own thread:
+        a main loop busy stopping or spawning workers must not make them look silent."""
         while not self._finished.is_set():
-            self._summary_now.wait(self._heartbeat_interval_s)
+            urgent = self._summary_now.wait(self._pacer.wait_s(time.monotonic()))
             self._summary_now.clear()
             workers, board = self._workers, self._board
             if workers is None or board is None or self._finished.is_set():
                 continue
-            summary = board.summary(workers.generation, workers.pids_by_local_rank, time.monotonic())
-            self._outbox.put(pb.AgentMessage(summary=summary))
+            now = time.monotonic()
+            summary = board.summary(workers.generation, workers.pids_by_local_rank, now)
+            if self._pacer.should_send(now, urgent, {r.pid: r.heartbeat_age_s for r in summary.ranks}):
+                self._outbox.put(pb.AgentMessage(summary=summary))
 
     def _report_exit(self, report: ExitReport) -> None:
         self._outbox.put(pb.AgentMessage(worker_exited=pb.WorkerExited(

@@ -166,6 +166,8 @@ class FailureDetector:
                 finished = True
             elif report.heartbeat_age_s > oldest:
                 oldest = report.heartbeat_age_s
+        node.max_step, node.oldest_beat_s, node.finished = highest, oldest, finished
+        node.min_generation = -1 if min_generation is None else min_generation
         _put(self._node_max, node_rank, highest if lowest is not None else None)
         _put(self._node_oldest_beat, node_rank, oldest if oldest >= 0 else None)
         _mark(self._finished_nodes, node_rank, finished)

@@ -261,6 +261,8 @@ class Job:
         self._awaiting_step: tuple[int, float] | None = None
         """After a recovery: (the step to complete, when the failure was detected), for the timeline."""
         self._replacements: dict[int, int] = {}
+        self._unacknowledged: set[str] = set()
+        """Agents that have not yet sent a summary of the generation a recovery moved them to."""
         """How often each rank's process was replaced by an in-place recovery."""
 
     @property
@@ -379,6 +381,12 @@ class Job:
         for report in reports:
             self._pids[offset + report.local_rank] = report.pid
         out = Output()
+        if self.phase is Phase.RECOVERING and self._unacknowledged:
+            self._unacknowledged.discard(agent_id)
+            if not self._unacknowledged and self._recovery_began is not None:
+                # Every agent acted on the Recover: the control plane's own share of the recovery is over.
+                out.events.append(Event("recovery_phase", self.generation, {
+                    "phase": "acknowledged", "since_detection_s": round(now - self._recovery_began, 4)}))
         if self.phase is Phase.RUNNING and not self._recoverable_job and self.detector.all_recoverable:
             self._recoverable_job = True
             out.events.append(Event("recoverable", self.generation, {}))
@@ -625,6 +633,7 @@ class Job:
         self._recovery_deadline = now + self.spec.recovery_deadline_s
         if self._recovery_began is None:
             self._recovery_began = now
+        self._unacknowledged = set(self.assignments)
         self._awaiting_step = None
         self._succeeded.clear()
         self._failed_ranks.clear()

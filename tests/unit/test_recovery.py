@@ -264,8 +264,9 @@ def test_recovery_completion_emits_a_recovery_phase_event_per_phase() -> None:
         for rank in range(4)
     })
 
-    assert event_names(out) == ["recovery_phase"] * 4 + ["recovered"]
+    assert event_names(out) == ["recovery_phase"] * 5 + ["recovered"]
     assert [(e.generation, e.fields) for e in out.events if e.name == "recovery_phase"] == [
+        (1, {"phase": "acknowledged", "since_detection_s": 2.0}),  # every agent's first summary of generation 1
         (1, {"phase": "abort", "duration_s": 0.1}),
         (1, {"phase": "respawn", "duration_s": 1.5}),
         (1, {"phase": "rebuild", "duration_s": 0.2}),

@@ -1,0 +1,61 @@
+"""The agent's half of the coordinator protocol, shared by the real agent and the simulated ones of the scale
+benchmark (scripts/sim_agents.py): the messages an agent sends, and when it sends its node summary."""
+
+from __future__ import annotations
+
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun.config import PROTOCOL_VERSION, Detection
+
+
+def join_message(run_id: str, token: str, node_rank: int | None, hostname: str, local_world_size: int,
+                 agent_id: str) -> pb.AgentMessage:
+    return pb.AgentMessage(join=pb.Join(
+        protocol_version=PROTOCOL_VERSION, run_id=run_id, token=token,
+        node_rank=-1 if node_rank is None else node_rank, hostname=hostname, local_world_size=local_world_size,
+        agent_id=agent_id,
+    ))
+
+
+def summary_message(generation: int, ranks: list[pb.RankProgress]) -> pb.AgentMessage:
+    return pb.AgentMessage(summary=pb.NodeSummary(generation=generation, ranks=ranks))
+
+
+def stopped_message(generation: int) -> pb.AgentMessage:
+    return pb.AgentMessage(workers_stopped=pb.WorkersStopped(generation=generation))
+
+
+class SummaryPacer:
+    """When to send the node summary: every summary interval (which the coordinator stretches for large jobs), and
+    at once when something is urgent or a worker has newly gone silent past the heartbeat timeout, so detection does
+    not wait for the interval. Pure: the caller passes the time and what it sees."""
+
+    def __init__(self) -> None:
+        defaults = Detection()
+        self.heartbeat_interval_s = defaults.heartbeat_interval_s
+        self.summary_interval_s = defaults.heartbeat_interval_s
+        self.heartbeat_timeout_s = defaults.heartbeat_timeout_s
+        self._next_due = 0.0
+        self._silent: set[int] = set()
+
+    def configure(self, detection: pb.Detection) -> None:
+        """Take the settings the coordinator sent with StartWorkers or Recover (zeros: keep the current ones)."""
+        if detection.heartbeat_interval_s > 0:
+            self.heartbeat_interval_s = detection.heartbeat_interval_s
+        self.summary_interval_s = max(detection.summary_interval_s, self.heartbeat_interval_s)
+        if detection.heartbeat_timeout_s > 0:
+            self.heartbeat_timeout_s = detection.heartbeat_timeout_s
+
+    def wait_s(self, now: float) -> float:
+        """How long to sleep before looking again: silent workers are looked for every heartbeat interval."""
+        return min(self.heartbeat_interval_s, max(0.0, self._next_due - now))
+
+    def should_send(self, now: float, urgent: bool, ages: dict[int, float]) -> bool:
+        """`ages`: each worker's heartbeat age by PID (negative: never beat). True means send now; the next regular
+        summary is then due one interval later."""
+        silent = {pid for pid, age in ages.items() if age > self.heartbeat_timeout_s}
+        newly_silent = bool(silent - self._silent)
+        self._silent = silent
+        if urgent or newly_silent or now >= self._next_due:
+            self._next_due = now + self.summary_interval_s
+            return True
+        return False

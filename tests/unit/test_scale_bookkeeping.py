@@ -1,0 +1,90 @@
+"""The coordinator's bookkeeping at scale: per-summary work bounded by one node, node-level snapshots, the agents'
+acknowledgement of a recovery, and the agent-side summary pacing. Pure: time is passed in."""
+
+from __future__ import annotations
+
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun.agent.protocol import SummaryPacer
+from flashrun.config import Detection
+from flashrun.coordinator.detector import FailureDetector, RankReport
+from tests.unit.test_job import event_names
+from tests.unit.test_recovery import CRASH_AT, exit_of, recoverable_job, summaries
+
+
+def node_reports(step: int, nproc: int = 8, age: float = 0.1) -> list[RankReport]:
+    return [RankReport(-1, -1, local, 100 + local, step, age) for local in range(nproc)]
+
+
+def test_the_job_step_follows_the_slowest_node_without_rescanning_on_every_summary() -> None:
+    nodes = 64
+    detector = FailureDetector(Detection(), {n: range(8 * n, 8 * n + 8) for n in range(nodes)}, 0.0)
+    for step in range(5):
+        for node in range(nodes):
+            detector.observe(node, node_reports(step), now=step + node / 1000, rank_offset=8 * node)
+            # The job's step moves only once the last node at the old minimum reports the new step (before any
+            # step it is the minimum over the nodes heard from so far).
+            assert detector.job_step == (step if node == nodes - 1 or step == 0 else step - 1)
+    detector.observe(7, node_reports(2), now=10.0, rank_offset=56)  # a node going backwards: never lowers it
+    assert detector.job_step == 4
+
+
+def test_a_node_lagging_far_behind_makes_stragglers_of_its_ranks_only() -> None:
+    settings = Detection()
+    detector = FailureDetector(settings, {n: range(8 * n, 8 * n + 8) for n in range(16)}, 0.0)
+    now = 0.0
+    for tick in range(40):
+        now = tick * 0.25
+        for node in range(16):
+            detector.observe(node, node_reports(tick // 4 if node == 5 else tick), now, rank_offset=8 * node)
+        assert detector.check(now) == []
+    assert detector.stragglers == set(range(40, 48))
+
+
+def test_the_last_agent_to_summarise_the_new_generation_completes_the_acknowledgement() -> None:
+    job = recoverable_job(nnodes=3, nproc=2)
+    exit_of(job, 3, now=CRASH_AT)
+
+    first = summaries(job, now=5.5, generation=0, node_generation=1, agents={"a0", "a1"})
+    last = summaries(job, now=5.75, generation=0, node_generation=1, agents={"a2"})
+
+    assert "recovery_phase" not in event_names(first)
+    [acknowledged] = [e for e in last.events if e.name == "recovery_phase"]
+    assert acknowledged.fields == {"phase": "acknowledged", "since_detection_s": 0.75}
+
+
+def test_a_large_snapshot_lists_every_node_but_only_the_ranks_worth_a_look() -> None:
+    job = recoverable_job(nnodes=8, nproc=4)
+    exit_of(job, 9, now=CRASH_AT)
+    summaries(job, now=6.0, generation=1, agents={f"a{n}" for n in range(8) if n != 2})
+
+    snapshot = job.snapshot(6.0, max_ranks=8)
+
+    assert snapshot["ranks_complete"] is False
+    assert [n["node"] for n in snapshot["nodes"]] == list(range(8))
+    assert [n["state"] for n in snapshot["nodes"]] == ["ready"] * 2 + ["recovering"] + ["ready"] * 5
+    assert snapshot["nodes"][2]["restarts"] == 1  # rank 9 was replaced
+    assert [r["rank"] for r in snapshot["ranks"]] == [8, 9, 10, 11]  # node 2's ranks are still recovering
+    assert [r["restarts"] for r in snapshot["ranks"]] == [0, 1, 0, 0]
+    assert len(job.snapshot(6.0)["ranks"]) == 32  # without a limit: every rank
+
+
+def test_summaries_are_paced_by_the_interval_unless_a_worker_falls_silent() -> None:
+    pacer = SummaryPacer()
+    pacer.configure(pb.Detection(heartbeat_interval_s=0.25, summary_interval_s=2.0, heartbeat_timeout_s=2.0))
+    healthy = {1: 0.1, 2: 0.2}
+
+    assert pacer.should_send(0.0, urgent=False, ages=healthy)  # the first one goes at once
+    assert pacer.wait_s(0.0) == 0.25  # silent workers are looked for every heartbeat interval
+    assert not pacer.should_send(1.0, urgent=False, ages=healthy)
+    assert pacer.should_send(1.1, urgent=False, ages={1: 2.1, 2: 0.2})  # worker 1 newly silent: at once
+    assert not pacer.should_send(1.35, urgent=False, ages={1: 2.35, 2: 0.2})  # already reported
+    assert pacer.should_send(1.5, urgent=True, ages=healthy)
+    assert pacer.should_send(3.5, urgent=False, ages=healthy)  # the interval elapsed
+
+
+def test_large_jobs_space_their_summaries_to_fit_the_coordinators_budget() -> None:
+    detection = Detection()
+    assert detection.summary_interval_s(8) == detection.heartbeat_interval_s
+    assert detection.summary_interval_s(4096) == 4096 / detection.summary_budget_per_s
+    assert detection.node_timeout_for(4096) == detection.node_timeout_s  # 4 intervals still fit in 10 s
+    assert detection.node_timeout_for(100_000) == 4 * 100_000 / detection.summary_budget_per_s
