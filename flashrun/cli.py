@@ -13,7 +13,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -36,7 +36,7 @@ from flashrun.config import (
     slurm_rdzv_port,
     timeouts_from_rdzv_conf,
 )
-from flashrun.errors import FlashrunError
+from flashrun.errors import EXIT_JOB_FAILED, EXIT_USAGE, FlashrunError
 from flashrun.slurm import SlurmAllocation
 
 # torchrun options flashrun deliberately does not implement, with what to do instead.
@@ -116,6 +116,8 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_option("--shutdown-timeout", default=None, type=click.FloatRange(min=0, min_open=True),
          help="Seconds between SIGTERM and SIGKILL when stopping workers. [default: 30]")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+@click.option("--allow-inject", is_flag=True,
+              help="Accept `flashrun inject` fault drills (kill, stop, hang, exception, kill-node) for this job.")
 @detection_options
 @click.option("--prewarm/--no-prewarm", default=True, show_default=True,
               help="Fork replacement workers from a process that already imported torch.")
@@ -218,6 +220,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
         detection=_detection(options),
         prewarm=bool(options.get("prewarm", True)),
+        allow_inject=bool(options.get("allow_inject", False)),
         prewarm_modules=tuple(m.strip() for m in str(options.get("prewarm_modules") or "").split(",") if m.strip()),
         base_env=dict(env),
     )
@@ -272,6 +275,7 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
 @_option("--log-dir", default=None, help="Where events.jsonl is written.")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
+@click.option("--allow-inject", is_flag=True, help="Accept `flashrun inject` fault drills for this job.")
 @detection_options
 def coordinator(**options: object) -> None:
     """Run only the coordinator of a multi-node job, e.g. off the training nodes."""
@@ -288,6 +292,7 @@ def coordinator(**options: object) -> None:
             min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
             stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
             max_recoveries=int(options["max_recoveries"]),  # type: ignore[call-overload]
+            allow_inject=bool(options["allow_inject"]),
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)
@@ -317,6 +322,73 @@ def status(rdzv_endpoint: str, token_file: str | None, as_json: bool) -> None:
     click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
 
 
+class _OneLineErrors(click.Group):
+    """Usage errors as one `flashrun: error:` line with exit code 2, like the launcher's."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"flashrun: error: {err.format_message()} (see {kwargs.get('prog_name', 'flashrun inject')} "
+                       "--help)", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            sys.exit(EXIT_JOB_FAILED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--rdzv-endpoint", "--rdzv_endpoint", "rdzv_endpoint", required=True,
+              help="HOST:PORT of the job's coordinator (printed by the launcher that hosts it).")
+@click.option("--token-file", default=None, help="File with the job's token (or set FLASHRUN_TOKEN).")
+@click.pass_context
+def inject(ctx: click.Context, rdzv_endpoint: str, token_file: str | None) -> None:
+    """Fault drills on a running job started with --allow-inject: kill, stop, hang or raise in one rank, or lose a
+    whole node, and watch the job recover."""
+    ctx.obj = (rdzv_endpoint, token_file)
+
+
+def _drill(target: tuple[str, str | None], fault: str, **where: int | None) -> None:
+    _prepare_launcher_process()
+    from flashrun.inject import send_fault
+
+    rdzv_endpoint, token_file = target
+    try:
+        endpoint = parse_endpoint(rdzv_endpoint, DEFAULT_RDZV_PORT)
+        detail = send_fault(endpoint, resolve_token(token_file, os.environ, False), fault, **where)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    click.echo(detail)
+
+
+def _rank_drill(fault: str, summary: str) -> None:
+    @inject.command(fault, help=f"{summary} Without --at-step at once (at the next step for hang and exception); "
+                                "with it when the rank is about to run that step. hang, exception and --at-step need "
+                                "flashrun's step loop, run.steps().")
+    @click.option("--rank", required=True, type=click.IntRange(min=0), help="The global rank.")
+    @click.option("--at-step", type=click.IntRange(min=0), default=None, help="The step the fault comes at.")
+    @click.pass_obj
+    def command(target: tuple[str, str | None], rank: int, at_step: int | None) -> None:
+        _drill(target, fault, rank=rank, at_step=at_step)
+
+
+_rank_drill("kill", "SIGKILL the rank's worker (a crash).")
+_rank_drill("stop", "SIGSTOP the rank's worker (it freezes: unresponsive).")
+_rank_drill("hang", "The rank's step loop spins before the step's collectives (the job stalls).")
+_rank_drill("exception", "The rank's step loop raises an exception (a crash with a traceback).")
+
+
+@inject.command("kill-node")
+@click.option("--node", required=True, type=click.IntRange(min=0), help="The node rank.")
+@click.pass_obj
+def kill_node(target: tuple[str, str | None], node: int) -> None:
+    """The node's agent SIGKILLs its workers and exits without a word, as a lost machine would (a spare, if any,
+    takes over)."""
+    _drill(target, "kill-node", node=node)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("log_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for scripts.")
@@ -335,7 +407,7 @@ def report(log_dir: str, as_json: bool) -> None:
     click.echo(report_json(built) if as_json else format_report(built))
 
 
-SUBCOMMANDS = {"coordinator": coordinator, "status": status, "report": report}
+SUBCOMMANDS = {"coordinator": coordinator, "status": status, "inject": inject, "report": report}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

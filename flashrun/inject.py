@@ -38,8 +38,6 @@ def send_fault(endpoint: Endpoint, token: str, fault: str, rank: int | None = No
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 raise FlashrunError(f"the coordinator at {endpoint} runs a flashrun without fault drills; "
                                     "upgrade it", EXIT_JOB_FAILED) from None
-            raise FlashrunError(
-                f"no coordinator answered at {endpoint} within {timeout_s:g} s: check --rdzv-endpoint",
-                EXIT_JOB_FAILED,
-            ) from None
+            raise FlashrunError(f"no coordinator answered at {endpoint} ({code.name}): check --rdzv-endpoint and "
+                                "that the job is still running", EXIT_JOB_FAILED) from None
     return reply.detail

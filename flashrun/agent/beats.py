@@ -78,6 +78,15 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
         commands.put(pb.WorkerCommand(generation=generation))
         return True
 
+    def drill(self, pid: int, kind: str, at_step: int) -> bool:
+        """Relay a fault drill to one worker's step loop; False if it is not attached."""
+        with self._lock:
+            commands = self._commands.get(pid)
+        if commands is None:
+            return False
+        commands.put(pb.WorkerCommand(fault=pb.Fault(kind=kind, at_step=at_step)))
+        return True
+
     def forget(self, pids: set[int]) -> None:
         with self._lock:
             for pid in pids:

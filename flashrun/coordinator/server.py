@@ -25,6 +25,7 @@ import grpc
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent.agent import local_agent_id
 from flashrun.config import Endpoint
 from flashrun.coordinator import job as jobs
 from flashrun.coordinator.detector import RankReport
@@ -291,6 +292,23 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                                  heartbeat_age_s=r["heartbeat_age_s"]) for r in snapshot["ranks"]],
         )
 
+    async def Inject(self, request: pb.InjectRequest, context: grpc.aio.ServicerContext) -> pb.InjectReply:
+        """A fault drill: the job decides whether and where it goes; refusals carry the job's reason."""
+        drill = jobs.InjectRequest(
+            token=request.token, fault=request.fault, rank=request.rank if request.rank >= 0 else None,
+            node=request.node if request.node >= 0 else None,
+            at_step=request.at_step if request.at_step >= 0 else None,
+        )
+        with self._lock:
+            output = self._job.inject(drill, colocated_agent=local_agent_id())
+            self._apply(output)
+        for command in output.commands:
+            if isinstance(command, jobs.InjectRefused):
+                await context.abort(grpc.StatusCode[command.code.upper()], command.reason)
+            if isinstance(command, jobs.Inject):
+                return pb.InjectReply(detail=command.detail)
+        raise AssertionError("Job.inject answers with an Inject or an InjectRefused")
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_INTERVAL_S)
@@ -330,6 +348,12 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             elif isinstance(command, jobs.Shutdown):
                 self._send(command.agent_id, pb.CoordinatorMessage(
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
+            elif isinstance(command, jobs.Inject):
+                self._send(command.agent_id, pb.CoordinatorMessage(inject=pb.InjectFault(
+                    fault=command.fault, local_rank=-1 if command.local_rank is None else command.local_rank,
+                    at_step=-1 if command.at_step is None else command.at_step, pid=command.pid,
+                    rank=command.rank or 0,
+                )))
 
     def _start_generation(self, command: jobs.StartGeneration) -> None:
         store, self._next_store = self._next_store, None

@@ -68,8 +68,13 @@ class AgentLink:
     def _run(self) -> None:
         import grpc
 
+        from flashrun.worker import drills
+
         try:
             for command in self._stub.Attach(self._beats(), wait_for_ready=True):
+                if command.HasField("fault"):
+                    drills.arm(command.fault.kind, command.fault.at_step)
+                    continue  # a drill moves no generation
                 with self._handler_lock:
                     handler = self.on_command
                     if handler is None:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flashrun.errors import EXIT_UNRECOVERABLE
-from flashrun.worker import replica
+from flashrun.worker import drills, replica
 from flashrun.worker.abort import Aborter
 from flashrun.worker.collectives import untracked
 from flashrun.worker.group import Superseded, abandon_group, join_generation
@@ -185,6 +185,7 @@ class Run:
             step = self._restore_checkpoint(start)
         while step < total:
             self._current_step = step
+            drills.fire_due(step, self.rank)  # `flashrun inject`: a fault as if this step's code had one
             rng = replica.rng_state()
             yield step
             if self.aborter.failed.is_set():
