@@ -122,6 +122,8 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--prewarm/--no-prewarm", default=True, show_default=True,
               help="Fork replacement workers from a process that already imported torch.")
 @click.option("--prewarm-modules", default="", help="More modules the zygote imports, e.g. transformers,numpy.")
+@click.option("--live/--no-live", default=True, show_default=True,
+              help="In a terminal, a live panel of nodes, ranks and recoveries under the worker output.")
 @click.option("--run-path", "--run_path", "run_path", is_flag=True, hidden=True)
 @click.option("--event-log-handler", "--event_log_handler", "event_log_handler", default=None, hidden=True)
 @click.option("--logs-specs", "--logs_specs", "logs_specs", default=None, hidden=True)
@@ -223,6 +225,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         allow_inject=bool(options.get("allow_inject", False)),
         prewarm_modules=tuple(m.strip() for m in str(options.get("prewarm_modules") or "").split(",") if m.strip()),
         base_env=dict(env),
+        live=bool(options.get("live", True)),
     )
 
 

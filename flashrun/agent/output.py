@@ -5,11 +5,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import Callable
 from typing import BinaryIO
 
 from flashrun.config import StdSpec
 
 _console_lock = threading.Lock()  # whole lines from different workers must not interleave
+
+ConsoleRoute = Callable[[BinaryIO, bytes], bool]
+"""Takes one prefixed console line meant for a stream; returns False to have it written to the stream as usual."""
+_console_route: ConsoleRoute | None = None
+
+
+def route_console(route: ConsoleRoute | None) -> None:
+    """While a live view owns the terminal, worker lines go to `route` (queued for its next redraw) instead of
+    straight to the terminal, where they would garble the panel; None restores direct writes."""
+    global _console_route
+    _console_route = route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,9 @@ class StreamPump:
                 if self._console is not None:
                     if not line.endswith(b"\n"):
                         line += b"\n"
+                    route = _console_route
+                    if route is not None and route(self._console, self._prefix + line):
+                        continue
                     with _console_lock:
                         self._console.write(self._prefix + line)
                         self._console.flush()
