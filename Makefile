@@ -28,7 +28,8 @@ $(PROTO_STAMP): protos/flashrun.proto $(VENV)/.installed
 proto: $(PROTO_STAMP)
 
 demo: $(PROTO_STAMP)
-	$(VENV)/bin/flashrun --standalone --nproc-per-node 4 scripts/examples/train_ddp.py --steps 50
+	$(VENV)/bin/flashrun --standalone --nproc-per-node 4 --allow-inject scripts/examples/train_ddp.py --steps 200 \
+		--step-time 0.05
 
 test: $(PROTO_STAMP)
 	$(VENV)/bin/ruff check .

@@ -491,8 +491,9 @@ class Job:
             detail = f"{what} sent to rank {request.rank}{process} on node {a.node_rank} ({host})"
             command = Inject(agent_id, request.fault, request.rank - a.rank_offset, request.at_step, request.rank,
                              pid, detail)
-            fields = {"fault": request.fault, "rank": request.rank, "node": a.node_rank, "host": host, "pid": pid,
-                      "at_step": request.at_step}
+            fields = {"fault": request.fault, "rank": request.rank, "node": a.node_rank, "host": host, "pid": pid}
+            if request.at_step is not None:
+                fields["at_step"] = request.at_step
         out.commands.append(command)
         out.events.append(Event("fault_injected", self.generation, fields))
         return out

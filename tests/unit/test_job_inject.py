@@ -70,6 +70,10 @@ def test_kill_and_stop_at_once_need_no_report_from_the_rank(fault: str) -> None:
     assert command.detail == f"{fault} sent to rank 0 on node 0 (host-a0)"
 
 
+def test_a_drill_at_once_is_logged_without_a_step() -> None:
+    assert "at_step" not in the_event(inject(drill_job(), "kill", rank=2), "fault_injected").fields
+
+
 def test_kill_node_goes_to_the_nodes_agent_for_all_its_ranks() -> None:
     out = inject(drill_job(), "kill-node", node=1)
     command = sent(out)
