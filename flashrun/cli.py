@@ -311,18 +311,30 @@ def coordinator(**options: object) -> None:
               help="HOST:PORT of the job's coordinator (printed by the launcher that hosts it).")
 @click.option("--token-file", default=None, help="File with the job's token (or set FLASHRUN_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON snapshot, for scripts.")
-def status(rdzv_endpoint: str, token_file: str | None, as_json: bool) -> None:
-    """Show a running job's state: generation, and per rank its node, PID, state, step, rate, heartbeat age."""
+@click.option("--once", is_flag=True, help="In a terminal, draw the live view once and exit.")
+def status(rdzv_endpoint: str, token_file: str | None, as_json: bool, once: bool) -> None:
+    """Show a running job's state. In a terminal, the launcher's live view (read-only) until the job ends or
+    Ctrl-C; otherwise one plain table of the ranks: node, PID, state, step, rate, heartbeat age."""
     _prepare_launcher_process()
-    from flashrun.status import fetch_status, format_status
+    from rich.console import Console
 
+    from flashrun.status import fetch_status, format_status
+    from flashrun.view.live import VIEW_MAX_RANKS, attach, is_live_terminal, print_once
+
+    live = not as_json and is_live_terminal(Console())
     try:
         endpoint = parse_endpoint(rdzv_endpoint, DEFAULT_RDZV_PORT)
-        snapshot = fetch_status(endpoint, resolve_token(token_file, os.environ, False))
+        token = resolve_token(token_file, os.environ, False)
+        snapshot = fetch_status(endpoint, token, max_ranks=VIEW_MAX_RANKS if live else 0)
     except FlashrunError as err:
         click.echo(f"flashrun: error: {err}", err=True)
         sys.exit(err.exit_code)
-    click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+    if not live:
+        click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+    elif once:
+        print_once(snapshot)
+    else:
+        click.echo(f"flashrun: {attach(lambda: fetch_status(endpoint, token, max_ranks=VIEW_MAX_RANKS))}", err=True)
 
 
 class _OneLineErrors(click.Group):

@@ -7,6 +7,7 @@ blocking a writer) and written above the panel in one batch per redraw.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -42,6 +43,17 @@ MAX_PENDING_BYTES = 16 << 20
 that writes faster than the terminal can show is never slowed and the launcher's memory stays bounded."""
 STOP_JOIN_S = 2.0
 """How long stopping the view waits for its threads."""
+ATTACH_POLL_S = 0.25
+"""Between snapshots an attached `flashrun status` fetches (often enough to catch the job's final state)."""
+ATTACH_CHECK_S = 0.25
+"""How often an attached `flashrun status` checks whether the job has ended."""
+ATTACH_GONE_S = 3.0
+"""An attached `flashrun status` gives up this long after the coordinator that answered it stopped answering."""
+FINAL_PHASES = frozenset({"succeeded", "failed"})
+FINAL_SNAPSHOT_WAIT_S = 1.0
+"""When the launcher stops, how long its last frame waits for a snapshot of the finished job (the coordinator may
+answer from a cache a moment old); a launcher stopped by a signal spends this much extra at most."""
+FINAL_SNAPSHOT_POLL_S = 0.05
 
 Snapshot = Mapping[str, Any]
 SnapshotSource = Callable[[], Snapshot]
@@ -119,34 +131,58 @@ class PendingOutput:
         return text
 
 
-class _LineWriter:
-    """Stands in for sys.stdout/sys.stderr while the panel is live: whole lines go to the pending output."""
+class TerminalCapture:
+    """Takes the terminal away from everything but the panel while it is live.
 
-    def __init__(self, real: TextIO, pending: PendingOutput) -> None:
-        self._real = real
+    The process's stdout (and stderr, when it is the same kind of terminal) become one pipe read by a thread into
+    the pending output: Python prints, C libraries' logs and children that inherited the descriptors (the zygote)
+    all scroll above the panel instead of through it. The panel draws on a duplicate of the original stdout.
+    """
+
+    def __init__(self, pending: PendingOutput, fds: tuple[int, ...]) -> None:
         self._pending = pending
-        self._lock = threading.Lock()
-        self._partial = ""
+        self.fds = fds
+        self._saved: dict[int, int] = {}
+        self._reader: threading.Thread | None = None
+        self.terminal: TextIO | None = None
 
-    def write(self, text: str) -> int:
-        with self._lock:
-            self._partial += text
-            if "\n" in self._partial:
-                lines, _, self._partial = self._partial.rpartition("\n")
-                self._pending.put((lines + "\n").encode("utf-8", errors="replace"))
-        return len(text)
+    def start(self) -> TextIO:
+        for stream in (sys.stdout, sys.stderr):
+            _flush(stream)
+        self.terminal = open(os.dup(1), "w", encoding="utf-8", errors="replace", closefd=True)  # noqa: SIM115
+        read_fd, write_fd = os.pipe()
+        for fd in self.fds:
+            self._saved[fd] = os.dup(fd)
+            os.dup2(write_fd, fd)
+        os.close(write_fd)
+        self._reader = threading.Thread(target=self._read, args=(read_fd,), name="flashrun-view-capture",
+                                        daemon=True)
+        self._reader.start()
+        return self.terminal
 
-    def flush(self) -> None:
-        pass  # written at the next redraw
+    def _read(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in iter(pipe.readline, b""):
+                self._pending.put(line if line.endswith(b"\n") else line + b"\n")
 
-    def finish(self) -> None:
-        with self._lock:
-            if self._partial:
-                self._pending.put((self._partial + "\n").encode("utf-8", errors="replace"))
-                self._partial = ""
+    def stop(self) -> None:
+        """Give the descriptors back; what is still in the pipe follows into the pending output."""
+        for stream in (sys.stdout, sys.stderr):
+            _flush(stream)
+        for fd, saved in self._saved.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved.clear()
+        if self._reader is not None:
+            # EOF comes once no process holds the pipe; one that inherited it (a lingering child) is not waited for.
+            self._reader.join(STOP_JOIN_S)
+        if self.terminal is not None:
+            self.terminal.close()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)  # fileno, isatty, encoding, buffer (the pumps' direct stream)
+
+def _flush(stream: TextIO) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()
 
 
 class _Raw:
@@ -175,20 +211,20 @@ class LiveView:
 
     def __init__(self, source: SnapshotSource, poll_s: float, *, capture_output: bool = True,
                  console: Console | None = None, log_rows: int = LOG_ROWS, refresh_per_s: float = REFRESH_PER_S,
-                 fresh_on_stop: bool = False) -> None:
-        self._stdout, self._stderr = sys.stdout, sys.stderr
-        self.console = console or Console(file=self._stdout)
+                 fresh_on_stop: bool = False, capture_fds: tuple[int, ...] | None = None) -> None:
+        self._pending = PendingOutput()
+        self._capture: TerminalCapture | None = None
+        if capture_output:
+            fds = capture_fds if capture_fds is not None else (1, 2) if _is_tty(2) else (1,)
+            self._capture = TerminalCapture(self._pending, fds)
+        self.console = console
         self._source = source
         self._poller = SnapshotPoller(source, poll_s)
-        self._capture = capture_output
         self._log_rows = log_rows
         self._interval_s = 1.0 / refresh_per_s
         self._fresh_on_stop = fresh_on_stop
-        self._pending = PendingOutput()
-        self._writers: list[_LineWriter] = []
-        self._routed: set[int] = set()
-        self._live = Live(console=self.console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False,
-                          vertical_overflow="crop")
+        self._live: Live | None = None
+        self._measure_terminal = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flashrun-view", daemon=True)
         self.last_snapshot: Snapshot | None = None
@@ -196,30 +232,48 @@ class LiveView:
     # Life cycle -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._capture:
-            self._capture_streams()
+        self._measure_terminal = self.console is None
+        if self._capture is not None:
+            terminal = self._capture.start()
+            self.console = self.console or Console(file=terminal)
+            output.route_console(self._route)
+        self.console = self.console or Console()
+        self._live = Live(console=self.console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False,
+                          vertical_overflow="crop")
         self._poller.start()
         self._live.start()
         self._thread.start()
 
     def stop(self) -> None:
-        """Final frame (fresh snapshot when cheap), cursor shown again, streams given back. Never raises."""
+        """Final frame (fresh snapshot when cheap), cursor shown again, terminal given back. Never raises."""
         self._stop.set()
         self._thread.join(STOP_JOIN_S)
         self._poller.stop()
         try:
             if self._fresh_on_stop:
-                self._poller.poll()
-            for writer in self._writers:
-                writer.finish()
+                self._final_poll()
             self._frame()
         except Exception:  # noqa: BLE001, S110 - the job's result matters more than its last frame
             pass
         finally:
             try:
-                self._live.stop()
+                if self._live is not None:
+                    self._live.stop()
             finally:
-                self._release_streams()
+                self._release_terminal()
+
+    def _final_poll(self) -> None:
+        deadline = time.monotonic() + FINAL_SNAPSHOT_WAIT_S
+        while True:
+            self._poller.poll()
+            snapshot, _ = self._poller.latest()
+            if (snapshot is not None and snapshot.get("phase") in FINAL_PHASES) or time.monotonic() >= deadline:
+                return
+            time.sleep(FINAL_SNAPSHOT_POLL_S)
+
+    def latest(self) -> tuple[Snapshot | None, str | None]:
+        """The latest snapshot and, if the last fetch failed, why."""
+        return self._poller.latest()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Until stopped from another thread or `timeout_s`; True if stopped."""
@@ -230,38 +284,29 @@ class LiveView:
         if record.get("event") not in QUIET_EVENTS:
             self._pending.put(f"flashrun: {event_line(record)}\n".encode())
 
-    # Streams ----------------------------------------------------------------------------------------------------
-
-    def _capture_streams(self) -> None:
-        self._routed = {id(self._stdout.buffer)}
-        sys.stdout = self._writer(self._stdout)  # type: ignore[assignment]
-        if _is_tty(self._stderr):
-            self._routed.add(id(self._stderr.buffer))
-            sys.stderr = self._writer(self._stderr)  # type: ignore[assignment]
-        output.route_console(self._route)
-
-    def _writer(self, real: TextIO) -> _LineWriter:
-        writer = _LineWriter(real, self._pending)
-        self._writers.append(writer)
-        return writer
+    # Terminal ---------------------------------------------------------------------------------------------------
 
     def _route(self, stream: BinaryIO, data: bytes) -> bool:
-        if id(stream) not in self._routed:
+        """Worker lines bound for a captured descriptor skip the pipe: straight into the pending output."""
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return False
+        if self._capture is None or fd not in self._capture.fds:
             return False
         self._pending.put(data)
         return True
 
-    def _release_streams(self) -> None:
-        if not self._capture:
+    def _release_terminal(self) -> None:
+        if self._capture is None:
             return
         output.route_console(None)
-        sys.stdout, sys.stderr = self._stdout, self._stderr
-        for writer in self._writers:
-            writer.finish()
+        self._capture.stop()
         leftover = self._pending.drain()  # what arrived after the final frame
         if leftover:
-            self._stdout.write(leftover)
-            self._stdout.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.write(leftover)
+                sys.stdout.flush()
 
     # Frames -----------------------------------------------------------------------------------------------------
 
@@ -273,11 +318,16 @@ class LiveView:
                 self._write_through(self._pending.drain())
 
     def _frame(self) -> None:
+        assert self.console is not None and self._live is not None
         text = self._pending.drain()
         snapshot, error = self._poller.latest()
         self.last_snapshot = snapshot
+        if self._measure_terminal and self._capture is not None and self._capture.terminal is not None:
+            # stdout and stderr are the capture pipe now: rich would not find the terminal's size through them.
+            with contextlib.suppress(OSError, ValueError):
+                self.console.size = os.get_terminal_size(self._capture.terminal.fileno())
         width, height = self.console.size
-        rows = height - self._log_rows if self._capture else height - 1
+        rows = height - self._log_rows if self._capture is not None else height - 1
         panel = render(snapshot, time.time(), width, max(MIN_PANEL_ROWS, rows), error) if snapshot else \
             _waiting(error)
         # Buffered into one write, so the terminal never shows a half-drawn frame: the new panel is set, then the
@@ -288,18 +338,49 @@ class LiveView:
                 self.console.print(_Raw(text), crop=False, soft_wrap=True)
 
     def _write_through(self, text: str) -> None:
-        if text:
-            try:
-                self._stdout.write(text)
-                self._stdout.flush()
-            except (OSError, ValueError):
-                pass
+        if text and self.console is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.console.file.write(text)
+                self.console.file.flush()
 
 
-def _is_tty(stream: TextIO) -> bool:
+def attach(source: SnapshotSource, console: Console | None = None) -> str:
+    """`flashrun status` in a terminal: the panel alone, fetched from the coordinator, until the job ends, the
+    coordinator stops answering, or Ctrl-C. Returns why it ended."""
+    view = LiveView(source, ATTACH_POLL_S, capture_output=False, console=console)
+    view.start()
+    silent_since: float | None = None
+    reason = "stopped watching"
     try:
-        return os.isatty(stream.fileno())
-    except (OSError, ValueError, AttributeError):
+        while not view.wait(ATTACH_CHECK_S):
+            snapshot, error = view.latest()
+            if snapshot is not None and snapshot.get("phase") in FINAL_PHASES:
+                reason = f"the job {snapshot['phase']}"
+                break
+            if error is None:
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif snapshot is not None and time.monotonic() - silent_since >= ATTACH_GONE_S:
+                reason = "the coordinator stopped answering: the job has ended or its launcher is gone"
+                break
+    except KeyboardInterrupt:
+        pass  # the user is done watching; the job goes on
+    finally:
+        view.stop()
+    return reason
+
+
+def print_once(snapshot: Snapshot, console: Console | None = None) -> None:
+    console = console or Console()
+    width, height = console.size
+    console.print(render(snapshot, time.time(), width, max(MIN_PANEL_ROWS, height - 1)))
+
+
+def _is_tty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
         return False
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -21,74 +19,66 @@ from tests.unit.test_view_render import RUN_ID, recovery_events, snapshot
 SHOW_CURSOR = "\x1b[?25h"
 
 
-class FakeTerminalStreams:
-    """sys.stdout/sys.stderr stand-ins with a binary `.buffer`, as the worker pumps expect. Installed in the test
-    body: pytest's own capture replaces sys.stdout again after fixtures are set up."""
-
-    def __init__(self) -> None:
-        self.stdout = io.TextIOWrapper(io.BytesIO(), write_through=True)
-        self.stderr = io.TextIOWrapper(io.BytesIO(), write_through=True)
-
-
-@contextlib.contextmanager
-def fake_streams() -> Iterator[FakeTerminalStreams]:
-    fake = FakeTerminalStreams()
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = fake.stdout, fake.stderr
-    try:
-        yield fake
-    finally:
-        sys.stdout, sys.stderr = saved
-        output.route_console(None)
-
-
 def terminal(width: int = 120, height: int = 40) -> tuple[Console, io.StringIO]:
     file = io.StringIO()
     return Console(file=file, width=width, height=height, force_terminal=True, color_system=None), file
 
 
-def pump_line(stream: io.TextIOWrapper, line: bytes) -> None:
-    """One worker line through a real StreamPump, as the agent wires it."""
+def pump_line(fd: int, line: bytes) -> None:
+    """One worker line through a real StreamPump bound for descriptor `fd`, as the agent wires it."""
     read_fd, write_fd = os.pipe()
-    pump = StreamPump(os.fdopen(read_fd, "rb"), stream.buffer, b"[rank3]:", None)  # type: ignore[arg-type]
-    with os.fdopen(write_fd, "wb") as pipe:
-        pipe.write(line)
-    pump.join(10)
+    with open(fd, "wb", closefd=False) as console_stream:
+        pump = StreamPump(os.fdopen(read_fd, "rb"), console_stream, b"[rank3]:", None)  # type: ignore[arg-type]
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(line)
+        pump.join(10)
 
 
-def test_worker_lines_and_messages_scroll_above_the_panel() -> None:
+def same_file(fd: int, stat: os.stat_result) -> bool:
+    now = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
+
+
+def test_worker_lines_and_direct_writes_scroll_above_the_panel() -> None:
     console, screen = terminal()
-    with fake_streams() as streams:
-        view = LiveView(lambda: snapshot(), 0.01, console=console, fresh_on_stop=True)
-        view.start()
-        try:
-            pump_line(streams.stdout, b"step 7 loss 0.5\n")
-            print("flashrun: a launcher message")
-            view.on_event(recovery_events()[2])
-        finally:
-            view.stop()
-        restored = sys.stdout is streams.stdout and sys.stderr is streams.stderr
+    stdout_before = os.fstat(1)
+    view = LiveView(lambda: snapshot(), 0.01, console=console, fresh_on_stop=True, capture_fds=(1,))
+    view.start()
+    try:
+        pump_line(1, b"step 7 loss 0.5\n")
+        os.write(1, b"a write by a child or a C library\n")  # what the zygote's inherited stdout would do
+        view.on_event(recovery_events()[2])
+        wait_for(lambda: "a write by a child" in screen.getvalue(), 10, "the direct write to reach the console")
+    finally:
+        view.stop()
     drawn = screen.getvalue()
     assert "[rank3]:step 7 loss 0.5\n" in drawn
-    assert "flashrun: a launcher message\n" in drawn
+    assert "a write by a child or a C library\n" in drawn
     assert "flashrun: [gen 0] failure crash: rank 2" in drawn
     final_panel = drawn.rindex(f"flashrun  run {RUN_ID}")
-    assert drawn.rindex("[rank3]:step 7") < final_panel, "the final panel is drawn below the output"
+    assert drawn.rindex("a write by a child") < final_panel, "the final panel is drawn below the output"
     assert "recovered in 1.79s" in drawn[final_panel:]
     assert drawn.endswith(SHOW_CURSOR), "the cursor is shown again"
-    assert restored
-    assert streams.stdout.buffer.getvalue() == b"", "nothing bypassed the panel"  # type: ignore[attr-defined]
+    assert same_file(1, stdout_before), "stdout is given back"
     assert output._console_route is None
 
 
-def test_after_the_view_stops_workers_write_directly() -> None:
+def test_uncaptured_descriptors_are_left_alone() -> None:
     console, _ = terminal()
-    with fake_streams() as streams:
-        view = LiveView(lambda: snapshot(), 0.01, console=console)
+    read_fd, write_fd = os.pipe()
+    try:
+        view = LiveView(lambda: snapshot(), 0.01, console=console, capture_fds=(1,))
         view.start()
-        view.stop()
-        pump_line(streams.stdout, b"late line\n")
-    assert streams.stdout.buffer.getvalue() == b"[rank3]:late line\n"  # type: ignore[attr-defined]
+        try:
+            pump_line(write_fd, b"to another stream\n")
+        finally:
+            view.stop()
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            assert pipe.read() == b"[rank3]:to another stream\n"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_fd)
 
 
 def test_a_failing_source_is_shown_not_raised() -> None:
