@@ -259,6 +259,8 @@ class LiveView:
             try:
                 if self._live is not None:
                     self._live.stop()
+            except (OSError, ValueError):
+                pass  # the terminal is gone (a hangup): nothing left to draw on
             finally:
                 self._release_terminal()
 
