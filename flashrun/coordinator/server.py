@@ -40,6 +40,14 @@ RECENT_EVENTS = 20
 STATUS_CACHE_S = 0.2
 """A status snapshot is reused this long: many viewers polling a large job cost one snapshot per period."""
 
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # two coordinators on one port must fail, not share it
+    # Every agent opens its stream within moments of the others: gRPC's default of 1,000 calls waiting to be
+    # dispatched (3,000 at most) would leave the rest of a large job unanswered.
+    ("grpc.server.max_pending_requests", 1 << 20),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
+]
+
 EventSink = Callable[[jobs.Event], None]
 _Outbox = asyncio.Queue  # of pb.CoordinatorMessage | None: None closes the agent's stream
 
@@ -71,6 +79,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.port = 0
 
     # Lifecycle ----------------------------------------------------------------------------------------------
@@ -108,7 +117,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             loop.close()
 
     async def _open(self, started: futures.Future[int]) -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # two coordinators on one port must fail
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_CoordinatorServicer_to_server(self, server)
         try:
             port = server.add_insecure_port(str(self._bind))
@@ -123,7 +132,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             return
         await server.start()
         self._server = server
-        asyncio.get_running_loop().create_task(self._tick_loop())
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
         started.set_result(port)
 
     @property
@@ -163,6 +172,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             for outbox in self._outboxes.values():
                 outbox.put_nowait(None)
             self._outboxes.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._server is not None:
             await self._server.stop(None)
 

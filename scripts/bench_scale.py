@@ -1,0 +1,278 @@
+"""Does flashrun's control plane cost the same at 8 nodes and at 4,096? Simulated agents against the real coordinator.
+
+For each job size N (nodes of --nproc simulated ranks), this starts the real coordinator (`flashrun coordinator`, its
+own process) and N simulated agents (scripts/sim_agents.py, several per process, real gRPC protocol), plus one spare
+agent per trial, and measures:
+
+- node-loss detection: an agent stops summarising (a frozen node; detection takes the node timeout by design) or
+  its stream breaks (a dead node); from the moment the simulator froze or dropped it to the coordinator's `failure`;
+- control-plane recovery: failure detected -> every agent acknowledged the new generation (`acknowledged`) -> every
+  rank reported the new generation after its store rendezvous against the coordinator's TCPStore (`recovered`);
+- the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
+
+With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
+Everything runs on this machine, simulators included: on 2 cores the simulators compete with the coordinator, so
+latencies are upper bounds for the coordinator's own share. Prints a markdown table; run from the repository root:
+
+    .venv/bin/python scripts/bench_scale.py                      # N = 8, 64, 512, 4096
+    .venv/bin/python scripts/bench_scale.py --soak-s 600 --sizes 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+AGENTS_PER_PROCESS = 256
+"""Simulated agents per simulator process (one asyncio loop each)."""
+WARMUP_S = 5.0
+"""After the last agent started, how long before steady-state measurements begin."""
+EVENT_WAIT_S = float(os.environ.get("BENCH_SCALE_WAIT_S", "120"))
+"""Longest wait for any one expected event before the run is declared broken."""
+TOKEN = "bench-scale-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Lines:
+    """Collects a process's JSON stdout lines in a thread; `wait_for` polls them with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                with self._lock:
+                    self.records.append(record)
+
+    def matching(self, event: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.records if r.get("event") == event]
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = EVENT_WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+class Job:
+    """One coordinator with its simulated agents."""
+
+    def __init__(self, nodes: int, args: argparse.Namespace, workdir: str) -> None:
+        self.nodes = nodes
+        self.args = args
+        self.workdir = workdir
+        self.port = free_port()
+        self.events_path = Path(workdir, "events.jsonl")
+        self.env = {**os.environ, "FLASHRUN_TOKEN": TOKEN, "GRPC_VERBOSITY": "NONE"}
+        self.coordinator = subprocess.Popen(
+            [str(BIN / "flashrun"), "coordinator", "--bind", f"127.0.0.1:{self.port}",
+             "--nnodes", f"{nodes}:{nodes + args.trials * 2}", "--rdzv-id", "scale", "--log-dir", workdir],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=open(Path(workdir, "coordinator.log"), "w"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        self.simulators: list[Lines] = []
+        self._spares = 0
+
+    def simulate(self, count: int, first: int, prefix: str) -> Lines:
+        command = [sys.executable, str(REPO / "scripts" / "sim_agents.py"), "--endpoint", f"127.0.0.1:{self.port}",
+                   "--run-id", "scale", "--agents", str(count), "--first", str(first), "--host-prefix", prefix,
+                   "--nproc", str(self.args.nproc), "--step-s", str(self.args.step_s)]
+        if not self.args.no_store:
+            command.append("--store")
+        proc = subprocess.Popen(command, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=open(Path(self.workdir, f"sim-{prefix}-{first}.log"), "w"),  # noqa: SIM115
+                                text=True, start_new_session=True)
+        lines = Lines(proc)
+        self.simulators.append(lines)
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        records = []
+        for line in self.events_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    records.append(record)
+        return records
+
+    def start(self) -> None:
+        log = Path(self.workdir, "coordinator.log")
+        wait_for(lambda: "listening" in log.read_text() or self.coordinator.poll() is not None, "the coordinator")
+        if self.coordinator.poll() is not None:
+            raise RuntimeError(f"the coordinator exited: {log.read_text()}")
+        per_process = min(AGENTS_PER_PROCESS, self.nodes)
+        members = [self.simulate(min(per_process, self.nodes - first), first, "node")
+                   for first in range(0, self.nodes, per_process)]
+        wait_for(lambda: sum(len(m.matching("started")) for m in members) == self.nodes,
+                 f"{self.nodes} agents to start")
+
+    def add_spare(self) -> None:
+        self._spares += 1
+        spare = self.simulate(1, self._spares, "spare")
+        wait_for(lambda: spare.matching("spare"), "the spare to join")
+
+    def lose_node(self, how: str, node: int) -> dict[str, float]:
+        """Freeze or drop one member node; returns the detection and recovery figures."""
+        failures_before = len(self.events("failure"))
+        recovered_before = len(self.events("recovered"))
+        for simulator in self.simulators:
+            simulator.send(f"{how} {node}")
+        marker = "silenced" if how == "silence" else "dropped"
+        lost_at = wait_for(lambda: next((r["ts"] for s in self.simulators for r in s.matching(marker)
+                                         if r.get("node") == node and r["ts"] > 0), None), f"{how} of node {node}")
+        failure = wait_for(lambda: self.events("failure")[failures_before:], "the failure")[0]
+        recovered = wait_for(lambda: self.events("recovered")[recovered_before:], "the recovery")[0]
+        generation = recovered["generation"]
+        acknowledged = next(e for e in self.events("recovery_phase")
+                            if e["generation"] == generation and e.get("phase") == "acknowledged")
+        for simulator in self.simulators:  # consumed: the next trial matches only its own marker
+            for record in simulator.matching(marker):
+                record["ts"] = 0
+        return {"detect_s": failure["ts"] - lost_at, "acknowledged_s": acknowledged["since_detection_s"],
+                "recovered_s": recovered["since_detection_s"], "kind": failure["kind"] == "node_lost"}
+
+    def close(self) -> None:
+        for proc in [self.coordinator, *(s.proc for s in self.simulators)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def measure(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"flashrun-scale-{nodes}-") as workdir:
+        job = Job(nodes, args, workdir)
+        try:
+            started = time.monotonic()
+            job.start()
+            startup_s = time.monotonic() - started
+            time.sleep(WARMUP_S)  # a benchmark's settling time, not a synchronisation
+            cpu0, wall0 = cpu_seconds(job.coordinator.pid), time.monotonic()
+            time.sleep(args.steady_s)
+            cpu_share = (cpu_seconds(job.coordinator.pid) - cpu0) / (time.monotonic() - wall0)
+            memory = rss_mb(job.coordinator.pid)
+            trials: dict[str, list[dict[str, float]]] = {"silence": [], "drop": []}
+            node = nodes // 2
+            for trial in range(args.trials):
+                for how in ("drop", "silence"):
+                    job.add_spare()
+                    trials[how].append(job.lose_node(how, node))
+                    print(f"  N={nodes} trial {trial} {how}: {trials[how][-1]}", file=sys.stderr, flush=True)
+            return {"nodes": nodes, "ranks": nodes * args.nproc, "startup_s": startup_s, "cpu": cpu_share,
+                    "rss_mb": memory, "trials": trials}
+        finally:
+            job.close()
+
+
+def soak(nodes: int, args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"flashrun-soak-{nodes}-") as workdir:
+        job = Job(nodes, args, workdir)
+        try:
+            job.start()
+            samples = []
+            started = time.monotonic()
+            cpu0 = cpu_seconds(job.coordinator.pid)
+            while time.monotonic() - started < args.soak_s:
+                samples.append((time.monotonic() - started, rss_mb(job.coordinator.pid)))
+                time.sleep(args.soak_sample_s)
+            cpu = (cpu_seconds(job.coordinator.pid) - cpu0) / (time.monotonic() - started)
+        finally:
+            job.close()
+    half = len(samples) // 2
+    first, second = [m for _, m in samples[:half]], [m for _, m in samples[half:]]
+    print(f"\nSoak: {nodes} nodes x {args.nproc} ranks for {args.soak_s:g} s; coordinator RSS sampled every "
+          f"{args.soak_sample_s:g} s; CPU {100 * cpu:.1f}% of one core")
+    print(f"RSS MB: start {samples[0][1]:.1f}, end {samples[-1][1]:.1f}, max {max(m for _, m in samples):.1f}; "
+          f"median first half {statistics.median(first):.1f}, second half {statistics.median(second):.1f}")
+    print("samples (s, MB): " + ", ".join(f"{t:.0f}:{m:.1f}" for t, m in samples))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8,64,512,4096", help="node counts, comma-separated")
+    parser.add_argument("--nproc", type=int, default=8, help="simulated ranks per node")
+    parser.add_argument("--trials", type=int, default=3, help="node losses of each kind per size")
+    parser.add_argument("--steady-s", type=float, default=10.0, help="steady-state CPU measurement window")
+    parser.add_argument("--step-s", type=float, default=0.1, help="simulated step time")
+    parser.add_argument("--no-store", action="store_true", help="skip the ranks' store rendezvous on recovery")
+    parser.add_argument("--soak-s", type=float, default=0.0, help="instead: run one size this long, sample memory")
+    parser.add_argument("--soak-sample-s", type=float, default=10.0)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.soak_s > 0:
+        soak(sizes[0], args)
+        return
+    results = [measure(n, args) for n in sizes]
+    base = results[0]
+    print(f"\n`{' '.join(['scripts/bench_scale.py', *sys.argv[1:]])}`: {args.trials} trials per kind of loss, "
+          f"medians; {os.cpu_count()} cores shared by the coordinator and the simulators; node timeout 10 s")
+    print("\n| nodes x ranks | node lost: stream broke | node lost: frozen (timeout 10 s) | agents acknowledged | "
+          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator CPU | coordinator RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        drop, frozen = r["trials"]["drop"], r["trials"]["silence"]
+        recovered = median([t["recovered_s"] for t in drop + frozen])
+        base_recovered = median([t["recovered_s"] for t in base["trials"]["drop"] + base["trials"]["silence"]])
+        print(f"| {r['nodes']} x {args.nproc} | {median([t['detect_s'] for t in drop]):.3f} s | "
+              f"{median([t['detect_s'] for t in frozen]):.3f} s | "
+              f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {recovered:.3f} s | "
+              f"{recovered / base_recovered:.2f}x | {100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

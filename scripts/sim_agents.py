@@ -1,0 +1,232 @@
+"""Simulated flashrun agents: many per process, each speaking the real gRPC protocol to a real coordinator.
+
+Each simulated agent joins like `flashrun` does (flashrun.agent.protocol builds every message and paces the node
+summaries, exactly as in the real agent), pretends to own --nproc ranks that complete a step every --step-s seconds,
+and answers the coordinator's commands like a real agent: StartWorkers starts its ranks, Recover moves them to the new
+generation, Shutdown ends it. With --store, each of its ranks also runs the real store rendezvous of a new generation
+(flashrun.worker.group) against the coordinator's TCPStore before reporting that generation.
+
+Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising but keeps its
+stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node). Every observation is one JSON
+line on stdout: {"event": "started"|"silenced"|"recover"|..., "ts": unix time, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import random
+import resource
+import sys
+import time
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from flashrun._proto import flashrun_pb2 as pb  # noqa: E402
+from flashrun._proto import flashrun_pb2_grpc as pb_grpc  # noqa: E402
+from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message, summary_message  # noqa: E402
+
+FAKE_PID_BASE = 10_000_000
+"""Simulated ranks' PIDs: far above real ones, unique per rank."""
+CONNECT_CONCURRENCY = 64
+"""Connections a simulator process opens at once: thousands of simultaneous SYNs overflow the listen backlog, and
+the connections that lose out sit in TCP's and gRPC's reconnect backoff for tens of seconds."""
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+"""One TCP connection per simulated agent, as real agents on separate hosts have (gRPC would share one otherwise)."""
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, "ts": time.time(), **fields}), flush=True)
+
+
+class SimulatedAgent:
+    def __init__(self, index: int, args: argparse.Namespace, store_pool: concurrent.futures.Executor | None,
+                 connecting: asyncio.Semaphore) -> None:
+        self.index = index
+        self.connecting = connecting
+        self.args = args
+        self.agent_id = f"sim-{args.host_prefix}-{index}"
+        self.pacer = SummaryPacer()
+        self.generation = -1
+        """The generation the coordinator put this agent in (its summaries say it)."""
+        self.rank_generation = -1
+        """The generation the simulated ranks' process group belongs to."""
+        self.node_rank = -1
+        self.rank_offset = 0
+        self.world_size = 0
+        self.store_port = 0
+        self.started_at = 0.0
+        self.silent = False
+        self.active = False
+        self.urgent = asyncio.Event()
+        self.call: Any = None
+        self.store: Any = None
+        self._store_pool = store_pool
+        self._summaries: asyncio.Task[None] | None = None
+        self._rebuilding: asyncio.Task[None] | None = None
+
+    async def run(self, endpoint: str) -> None:
+        async with grpc.aio.insecure_channel(endpoint, options=[] if self.args.shared_connection
+                                             else CHANNEL_OPTIONS) as channel:
+            async with self.connecting:  # real agents start at different moments, not in one SYN burst
+                await channel.channel_ready()  # as the real agent, wait for a coordinator that is still starting
+            self.call = pb_grpc.CoordinatorStub(channel).Connect()
+            self.active = True
+            await self.call.write(join_message(self.args.run_id, self.args.token, None,
+                                               f"{self.args.host_prefix}-{self.index}", self.args.nproc,
+                                               self.agent_id))
+            emit("joining", agent=self.index)
+            try:
+                async for message in self.call:
+                    if await self._handle(message):
+                        break
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.CANCELLED:
+                    emit("stream_error", agent=self.index, detail=str(err.details()))
+            except asyncio.CancelledError:
+                pass  # dropped on purpose (`drop NODE`)
+            finally:
+                self.active = False
+                if self._summaries is not None:
+                    self._summaries.cancel()
+
+    async def _handle(self, message: pb.CoordinatorMessage) -> bool:
+        kind = message.WhichOneof("body")
+        if kind == "start":
+            self._place(message.start)
+            self.rank_generation = self.generation
+            emit("started", agent=self.index, node=self.node_rank, generation=self.generation)
+            if self._summaries is None:
+                self._summaries = asyncio.get_running_loop().create_task(self._summarise())
+            self.urgent.set()
+        elif kind == "recover":
+            received = time.time()
+            self._place(message.recover.placement)
+            if self._summaries is None:  # a spare taking over a lost node
+                self._summaries = asyncio.get_running_loop().create_task(self._summarise())
+            self.urgent.set()  # acknowledges the new generation, as the real agent's summary after a Recover does
+            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(self.generation, received))
+        elif kind == "stop":
+            await self.call.write(stopped_message(message.stop.generation))
+        elif kind == "shutdown":
+            return True
+        elif kind == "rejected":
+            emit("rejected", agent=self.index, reason=message.rejected.reason)
+            return True
+        elif kind == "spare":
+            emit("spare", agent=self.index)
+        return False
+
+    def _place(self, placement: pb.StartWorkers) -> None:
+        self.generation = placement.generation
+        self.node_rank = placement.node_rank
+        self.rank_offset = placement.rank_offset
+        self.world_size = placement.world_size
+        self.store_port = placement.master_port
+        self.started_at = time.monotonic()
+        self.pacer.configure(placement.detection)
+
+    async def _rebuild(self, generation: int, received: float) -> None:
+        """The ranks' side of a recovery: the new generation's store rendezvous, then report that generation."""
+        if self.args.store:
+            assert self._store_pool is not None
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._store_pool, self._store_rendezvous, generation)
+        if generation == self.generation:
+            self.rank_generation = generation
+            self.urgent.set()
+        emit("rebuilt", agent=self.index, generation=generation, received=received)
+
+    def _store_rendezvous(self, generation: int) -> None:
+        from flashrun.worker.group import arrive, await_peers_arrival
+
+        if self.store is None:
+            import torch.distributed as dist
+
+            self.store = dist.TCPStore(self.args.store_host, self.store_port, is_master=False,
+                                       wait_for_workers=False)
+        # The node's ranks share this process's one connection; each still does its own store operations.
+        ranks = range(self.rank_offset, self.rank_offset + self.args.nproc)
+        namespaces = [arrive(self.store, generation, self.world_size) for _ in ranks]
+        for namespace in namespaces:
+            await_peers_arrival(namespace, generation, lambda: self.generation, self.args.rendezvous_deadline_s)
+
+    async def _summarise(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.urgent.wait(), self.pacer.wait_s(time.monotonic()))
+                urgent = True
+            except asyncio.TimeoutError:
+                urgent = False
+            self.urgent.clear()
+            if self.silent:
+                continue
+            now = time.monotonic()
+            ages = {FAKE_PID_BASE + self.rank_offset + local: random.uniform(0, self.pacer.heartbeat_interval_s)
+                    for local in range(self.args.nproc)}
+            if not self.pacer.should_send(now, urgent, ages):
+                continue
+            step = int((now - self.started_at) / self.args.step_s) - 1
+            ranks = [
+                pb.RankProgress(local_rank=local, pid=pid, step=step, heartbeat_age_s=age,
+                                generation=self.rank_generation, recoverable=True)
+                for local, (pid, age) in enumerate(ages.items())
+            ]
+            await self.call.write(summary_message(self.generation, ranks))
+
+
+async def control(agents: dict[int, SimulatedAgent]) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command, _, node_text = line.decode().strip().partition(" ")
+        target = next((a for a in agents.values() if a.active and a.node_rank == int(node_text or -1)), None)
+        if target is None:
+            continue  # another simulator process runs that node
+        if command == "silence":
+            target.silent = True
+            emit("silenced", agent=target.index, node=target.node_rank)
+        elif command == "drop":
+            emit("dropped", agent=target.index, node=target.node_rank)
+            target.call.cancel()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", required=True, help="HOST:PORT of the coordinator")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--token", default=os.environ.get("FLASHRUN_TOKEN", ""))
+    parser.add_argument("--agents", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="index of this process's first agent")
+    parser.add_argument("--host-prefix", default="sim")
+    parser.add_argument("--nproc", type=int, default=8, help="ranks each simulated agent owns")
+    parser.add_argument("--step-s", type=float, default=0.1, help="simulated step time")
+    parser.add_argument("--shared-connection", action="store_true",
+                        help="the agents of this process share one TCP connection, each on its own stream (default: "
+                             "a connection per agent, as on separate hosts)")
+    parser.add_argument("--store", action="store_true", help="run the ranks' store rendezvous on each recovery")
+    parser.add_argument("--store-host", default="127.0.0.1")
+    parser.add_argument("--rendezvous-deadline-s", type=float, default=60.0)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # A blocking store wait per agent: every agent of this process needs its own thread while it waits.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.agents) if args.store else None
+    connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    agents = {i: SimulatedAgent(i, args, pool, connecting) for i in range(args.first, args.first + args.agents)}
+    controller = asyncio.get_running_loop().create_task(control(agents))  # referenced: tasks are weakly held
+    await asyncio.gather(*(agent.run(args.endpoint) for agent in agents.values()), return_exceptions=True)
+    controller.cancel()
+    emit("finished", agents=len(agents))
+    os._exit(0)  # store connections and executor threads need no orderly teardown
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
