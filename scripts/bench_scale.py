@@ -45,6 +45,8 @@ WARMUP_S = 5.0
 EVENT_WAIT_S = float(os.environ.get("BENCH_SCALE_WAIT_S", "120"))
 """Longest wait for any one expected event before the run is declared broken."""
 TOKEN = "bench-scale-token"
+STALL_TIMEOUT_S = 60.0
+"""Longer than the node timeout, so that a frozen node is found by the node-loss check this benchmark measures."""
 
 
 def free_port() -> int:
@@ -90,8 +92,9 @@ class Lines:
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # its agents were all shut down: it has exited
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
 
 
 def wait_for(condition: Any, what: str, timeout_s: float = EVENT_WAIT_S) -> Any:
@@ -116,7 +119,10 @@ class Job:
         self.env = {**os.environ, "FLASHRUN_TOKEN": TOKEN, "GRPC_VERBOSITY": "NONE"}
         self.coordinator = subprocess.Popen(
             [str(BIN / "flashrun"), "coordinator", "--bind", f"127.0.0.1:{self.port}",
-             "--nnodes", f"{nodes}:{nodes + args.trials * 2}", "--rdzv-id", "scale", "--log-dir", workdir],
+             "--nnodes", f"{nodes}:{nodes + args.trials * 2}", "--rdzv-id", "scale", "--log-dir", workdir,
+             # Simulated ranks are not coupled by collectives: a frozen node would only stall the job's slowest
+             # step, which the stall check (3 s floor) would report before the node timeout (10 s) it measures.
+             "--stall-timeout", str(STALL_TIMEOUT_S)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=open(Path(workdir, "coordinator.log"), "w"),  # noqa: SIM115
             start_new_session=True,
         )

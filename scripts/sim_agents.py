@@ -144,18 +144,23 @@ class SimulatedAgent:
         emit("rebuilt", agent=self.index, generation=generation, received=received)
 
     def _store_rendezvous(self, generation: int) -> None:
-        from flashrun.worker.group import arrive, await_peers_arrival
+        """Each simulated rank runs the workers' real barrier (flashrun.worker.group.GenerationBarrier): its own
+        arrival, then its own blocking wait for the release. The node's ranks share this agent's two connections
+        (one for arrivals, one for the blocking waits), where real ranks have their own."""
+        import torch.distributed as dist
+
+        from flashrun.worker.group import COMPLETE, GenerationBarrier
 
         if self.store is None:
-            import torch.distributed as dist
-
-            self.store = dist.TCPStore(self.args.store_host, self.store_port, is_master=False,
-                                       wait_for_workers=False)
-        # The node's ranks share this process's one connection; each still does its own store operations.
-        ranks = range(self.rank_offset, self.rank_offset + self.args.nproc)
-        namespaces = [arrive(self.store, generation, self.world_size) for _ in ranks]
-        for namespace in namespaces:
-            await_peers_arrival(namespace, generation, lambda: self.generation, self.args.rendezvous_deadline_s)
+            self.store = [dist.TCPStore(self.args.store_host, self.store_port, is_master=False,
+                                        wait_for_workers=False) for _ in range(2)]
+        store, waiter = self.store
+        barriers = [GenerationBarrier(store, waiter, generation, self.world_size) for _ in range(self.args.nproc)]
+        for barrier in barriers:
+            barrier.arrive()
+        for barrier in barriers:
+            if barrier.await_release(self.args.rendezvous_deadline_s) != COMPLETE:
+                raise RuntimeError(f"generation {generation} was superseded")
 
     async def _summarise(self) -> None:
         while True:
