@@ -189,7 +189,10 @@ class SimulatedAgent:
 async def control(agents: dict[int, SimulatedAgent]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (OSError, ValueError):
+        return  # stdin is not a pipe (e.g. /dev/null): no control lines
     while line := await reader.readline():
         command, _, node_text = line.decode().strip().partition(" ")
         target = next((a for a in agents.values() if a.active and a.node_rank == int(node_text or -1)), None)
