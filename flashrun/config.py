@@ -251,6 +251,9 @@ class Detection:
     """How often workers beat and agents send their node summary."""
     heartbeat_timeout_s: float = 2.0
     """A worker silent this long is `unresponsive`."""
+    startup_heartbeat_timeout_s: float = 20.0
+    """...but before its first completed step, only after this long: importing torch, building the model or joining
+    the process group can hold the GIL (and so the heartbeat thread) for seconds on a loaded machine."""
     node_timeout_s: float = 10.0
     """An agent whose summaries stop this long is `node_lost`: a frozen agent or a silent partition. A killed agent
     breaks its stream and is noticed at once, so this can be generous enough for a heavily loaded node."""

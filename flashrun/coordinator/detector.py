@@ -308,10 +308,11 @@ class FailureDetector:
             for rank in sorted(self._nodes[node_rank].ranks):
                 report = self._ranks[rank].report
                 age = report.heartbeat_age_s
-                if age > timeout and not report.finished:
+                limit = timeout if report.step >= 0 else max(timeout, self.settings.startup_heartbeat_timeout_s)
+                if age > limit and not report.finished:
                     found.append(Detected("unresponsive", (rank,), node_rank,
                                           f"no heartbeat from rank {rank} (pid {report.pid}) for {age:.2f} s "
-                                          f"(timeout {timeout:g} s); last completed step {report.step}"))
+                                          f"(timeout {limit:g} s); last completed step {report.step}"))
         return found
 
     def _stalled(self, now: float) -> list[Detected]:

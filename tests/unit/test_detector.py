@@ -146,3 +146,15 @@ def test_finished_ranks_may_go_quiet() -> None:
     feed(detector, 9.0, **{f"r{r}": report(r, step, age=3.5, finished=True) for r in range(4)})
 
     assert detector.check(9.0) == []
+
+
+def test_before_its_first_step_a_silent_rank_gets_the_startup_timeout() -> None:
+    # Importing torch or building the model can hold the GIL, and so the heartbeat thread, for seconds.
+    detector = FailureDetector(SETTINGS, NODES, 0.0)
+    starting = {f"r{r}": report(r, -1) for r in range(4)}
+    feed(detector, 5.0, **{**starting, "r1": report(1, -1, age=SETTINGS.heartbeat_timeout_s + 1)})
+    assert detector.check(5.0) == []
+
+    feed(detector, 25.0, **{**starting, "r1": report(1, -1, age=SETTINGS.startup_heartbeat_timeout_s + 0.5)})
+    [failure] = detector.check(25.0)
+    assert (failure.kind, failure.ranks) == ("unresponsive", (1,))
