@@ -165,7 +165,8 @@ class SimulatedAgent:
     async def _summarise(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.urgent.wait(), self.pacer.wait_s(time.monotonic()))
+                # Simulated workers never fall silent, so there is nothing to look for between regular summaries.
+                await asyncio.wait_for(self.urgent.wait(), self.pacer.due_in_s(time.monotonic()))
                 urgent = True
             except asyncio.TimeoutError:
                 urgent = False

@@ -49,6 +49,10 @@ class SummaryPacer:
         """How long to sleep before looking again: silent workers are looked for every heartbeat interval."""
         return min(self.heartbeat_interval_s, max(0.0, self._next_due - now))
 
+    def due_in_s(self, now: float) -> float:
+        """Time until the next regular summary (for an agent whose workers' silence it learns of otherwise)."""
+        return max(0.0, self._next_due - now)
+
     def should_send(self, now: float, urgent: bool, ages: dict[int, float]) -> bool:
         """`ages`: each worker's heartbeat age by PID (negative: never beat). True means send now; the next regular
         summary is then due one interval later."""

@@ -19,19 +19,22 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from flashrun.config import Detection
 
 RATE_WINDOW_S = 5.0
 """Steps per second are measured over this trailing window."""
 STRAGGLER_PERSIST_INTERVALS = 8
-"""A lagging rank is a straggler once its lag has lasted this many heartbeat intervals."""
+"""A lagging rank is a straggler once its lag has lasted this many summary intervals."""
 STEP_HISTORY = 16
 """How many recent job-level step durations the adaptive stall threshold looks at."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RankReport:
+class RankReport(NamedTuple):
+    """One rank's line of a node summary. A tuple, not a dataclass: the coordinator builds eight per summary,
+    thousands of summaries a second."""
+
     rank: int
     node_rank: int
     local_rank: int
@@ -96,6 +99,7 @@ class FailureDetector:
                                               ranks_by_node.items()}
         self._node_seen: dict[int, float] = {node: now for node in ranks_by_node}
         self._node_timeout_s = settings.node_timeout_for(len(ranks_by_node))
+        self._summary_interval_s = settings.summary_interval_s(len(ranks_by_node))
         self._node_min: dict[int, int] = {}
         self._node_max: dict[int, int] = {}
         self._node_oldest_beat: dict[int, float] = {}
@@ -341,16 +345,18 @@ class FailureDetector:
         return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit")]
 
     def _straggler_lag(self) -> int:
-        """Steps behind the leader that make a straggler. Ranks' heartbeats sample their counters up to two
-        intervals apart, so with fast steps a healthy rank can read several steps behind: that much is noise."""
+        """Steps behind the leader that make a straggler. A rank's counter is sampled by its heartbeat and reaches
+        us with its node's summary, so two ranks' readings can be a heartbeat interval plus a summary interval apart;
+        with fast steps a healthy rank can read several steps behind: that much is noise."""
         if not self._step_durations:
             return self.settings.straggler_lag_steps
-        sampling = 2 * self.settings.heartbeat_interval_s / max(statistics.median(self._step_durations), 1e-6)
+        window = self.settings.heartbeat_interval_s + self._summary_interval_s
+        sampling = window / max(statistics.median(self._step_durations), 1e-6)
         return max(self.settings.straggler_lag_steps, math.ceil(sampling) + 1)
 
     def _update_stragglers(self, now: float) -> None:
         # Heartbeats sample steps at different moments on different ranks, so a short lag is noise: only a lag
-        # that persists for STRAGGLER_PERSIST_INTERVALS heartbeat intervals makes a straggler.
+        # that persists for STRAGGLER_PERSIST_INTERVALS summary intervals makes a straggler.
         if not self._node_max:
             return
         leader = self.leader_step = max(self._node_max.values())
@@ -363,7 +369,7 @@ class FailureDetector:
                     if report and report.heartbeat_age_s >= 0 and leader - report.step >= lag and not report.finished:
                         lagging.add(rank)
         self._lagging_since = {rank: self._lagging_since.get(rank, now) for rank in lagging}
-        persist = STRAGGLER_PERSIST_INTERVALS * self.settings.heartbeat_interval_s
+        persist = STRAGGLER_PERSIST_INTERVALS * self._summary_interval_s
         self.stragglers = {rank for rank, since in self._lagging_since.items() if now - since >= persist}
 
 

@@ -261,13 +261,19 @@ class Job:
         self._awaiting_step: tuple[int, float] | None = None
         """After a recovery: (the step to complete, when the failure was detected), for the timeline."""
         self._replacements: dict[int, int] = {}
+        self._world_size = 0
+        self._world_size_of: dict[str, NodeAssignment] | None = None
         self._unacknowledged: set[str] = set()
         """Agents that have not yet sent a summary of the generation a recovery moved them to."""
         """How often each rank's process was replaced by an in-place recovery."""
 
     @property
     def world_size(self) -> int:
-        return sum(a.local_world_size for a in self.assignments.values())
+        # Kept, not summed: asked on every worker exit, and a spare that takes over has the same size.
+        if self._world_size_of is not self.assignments:
+            self._world_size = sum(a.local_world_size for a in self.assignments.values())
+            self._world_size_of = self.assignments
+        return self._world_size
 
     @property
     def finished(self) -> bool:
@@ -648,10 +654,17 @@ class Job:
         self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous, generation=self.generation)
         for rank in ranks:
             self._replacements[rank] = self._replacements.get(rank, 0) + 1
+        # One Recover per agent, built in O(nodes + failed ranks): this runs for thousands of nodes at once.
+        world_size, nnodes = self.world_size, len(self.assignments)
+        by_offset = sorted((a.rank_offset, agent_id) for agent_id, a in self.assignments.items())
+        offsets = [offset for offset, _ in by_offset]
+        respawn: dict[str, list[int]] = {}
+        for rank in sorted(ranks):
+            offset, agent_id = by_offset[bisect.bisect_right(offsets, rank) - 1]
+            respawn.setdefault(agent_id, []).append(rank - offset)
         for agent_id, a in self.assignments.items():
-            local = tuple(r - a.rank_offset for r in sorted(ranks) if a.rank_offset <= r < a.rank_offset
-                          + a.local_world_size)
-            out.commands.append(Recover(agent_id, self.generation, local, a, self.world_size, len(self.assignments)))
+            out.commands.append(Recover(agent_id, self.generation, tuple(respawn.get(agent_id, ())), a, world_size,
+                                        nnodes))
 
     def _complete_recovery(self, out: Output, now: float, reports: dict[int, RankReport]) -> None:
         assert self._recovery_began is not None
