@@ -55,8 +55,8 @@ class SimulatedAgent:
         self.pacer = SummaryPacer()
         self.generation = -1
         """The generation the coordinator put this agent in (its summaries say it)."""
-        self.rank_generation = -1
-        """The generation the simulated ranks' process group belongs to."""
+        self.rank_generation = 0
+        """The generation the simulated ranks' process group belongs to (0, as a worker reports, before any)."""
         self.node_rank = -1
         self.rank_offset = 0
         self.world_size = 0
@@ -100,6 +100,9 @@ class SimulatedAgent:
         kind = message.WhichOneof("body")
         if kind == "start":
             self._place(message.start)
+            if self.args.store:
+                assert self._store_pool is not None
+                await asyncio.get_running_loop().run_in_executor(self._store_pool, self._connect_store)
             self.rank_generation = self.generation
             emit("started", agent=self.index, node=self.node_rank, generation=self.generation)
             if self._summaries is None:
@@ -143,17 +146,22 @@ class SimulatedAgent:
             self.urgent.set()
         emit("rebuilt", agent=self.index, generation=generation, received=received)
 
+    def _connect_store(self) -> None:
+        """The ranks' store connections, opened when they start, as workers hold theirs from their first generation:
+        the store server accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
+        import torch.distributed as dist
+
+        self.store = [dist.TCPStore(self.args.store_host, self.store_port, is_master=False, wait_for_workers=False)
+                      for _ in range(2)]
+
     def _store_rendezvous(self, generation: int) -> None:
         """Each simulated rank runs the workers' real barrier (flashrun.worker.group.GenerationBarrier): its own
         arrival, then its own blocking wait for the release. The node's ranks share this agent's two connections
         (one for arrivals, one for the blocking waits), where real ranks have their own."""
-        import torch.distributed as dist
-
         from flashrun.worker.group import COMPLETE, GenerationBarrier
 
         if self.store is None:
-            self.store = [dist.TCPStore(self.args.store_host, self.store_port, is_master=False,
-                                        wait_for_workers=False) for _ in range(2)]
+            self._connect_store()
         store, waiter = self.store
         barriers = [GenerationBarrier(store, waiter, generation, self.world_size) for _ in range(self.args.nproc)]
         for barrier in barriers:
@@ -224,6 +232,8 @@ async def main() -> None:
     parser.add_argument("--store-host", default="127.0.0.1")
     parser.add_argument("--rendezvous-deadline-s", type=float, default=60.0)
     args = parser.parse_args()
+    if args.store:
+        import torch.distributed  # noqa: F401 - imported now, as a worker has before any recovery, not mid-recovery
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # A blocking store wait per agent: every agent of this process needs its own thread while it waits.
