@@ -45,8 +45,20 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, "ts": time.time(), **fields}), flush=True)
 
 
+STORE_THREADS = 4
+"""Threads per simulator process for the ranks' blocking store calls, arrivals and waits apart: a wait blocks until
+every rank arrived, so arrivals must never queue behind waits. Few threads: their GIL traffic is the simulation's
+cost, and with hundreds of agents per process it would crowd out the agents' own replies."""
+
+
+class StorePools:
+    def __init__(self) -> None:
+        self.arrivals = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-arrive")
+        self.waits = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-wait")
+
+
 class SimulatedAgent:
-    def __init__(self, index: int, args: argparse.Namespace, store_pool: concurrent.futures.Executor | None,
+    def __init__(self, index: int, args: argparse.Namespace, pools: StorePools | None,
                  connecting: asyncio.Semaphore) -> None:
         self.index = index
         self.connecting = connecting
@@ -67,7 +79,7 @@ class SimulatedAgent:
         self.urgent = asyncio.Event()
         self.call: Any = None
         self.store: Any = None
-        self._store_pool = store_pool
+        self._pools = pools
         self._summaries: asyncio.Task[None] | None = None
         self._rebuilding: asyncio.Task[None] | None = None
 
@@ -101,8 +113,8 @@ class SimulatedAgent:
         if kind == "start":
             self._place(message.start)
             if self.args.store:
-                assert self._store_pool is not None
-                await asyncio.get_running_loop().run_in_executor(self._store_pool, self._connect_store)
+                assert self._pools is not None
+                await asyncio.get_running_loop().run_in_executor(self._pools.arrivals, self._connect_store)
             self.rank_generation = self.generation
             emit("started", agent=self.index, node=self.node_rank, generation=self.generation)
             if self._summaries is None:
@@ -138,9 +150,10 @@ class SimulatedAgent:
     async def _rebuild(self, generation: int, received: float) -> None:
         """The ranks' side of a recovery: the new generation's store rendezvous, then report that generation."""
         if self.args.store:
-            assert self._store_pool is not None
+            assert self._pools is not None
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._store_pool, self._store_rendezvous, generation)
+            barriers = await loop.run_in_executor(self._pools.arrivals, self._arrive, generation)
+            await loop.run_in_executor(self._pools.waits, self._await_release, barriers)
         if generation == self.generation:
             self.rank_generation = generation
             self.urgent.set()
@@ -154,11 +167,11 @@ class SimulatedAgent:
         self.store = [dist.TCPStore(self.args.store_host, self.store_port, is_master=False, wait_for_workers=False)
                       for _ in range(2)]
 
-    def _store_rendezvous(self, generation: int) -> None:
+    def _arrive(self, generation: int) -> list[Any]:
         """Each simulated rank runs the workers' real barrier (flashrun.worker.group.GenerationBarrier): its own
-        arrival, then its own blocking wait for the release. The node's ranks share this agent's two connections
-        (one for arrivals, one for the blocking waits), where real ranks have their own."""
-        from flashrun.worker.group import COMPLETE, GenerationBarrier
+        arrival here, its own blocking wait for the release in `_await_release`. The node's ranks share this agent's
+        two connections (one for arrivals, one for the blocking waits), where real ranks have their own."""
+        from flashrun.worker.group import GenerationBarrier
 
         if self.store is None:
             self._connect_store()
@@ -166,9 +179,14 @@ class SimulatedAgent:
         barriers = [GenerationBarrier(store, waiter, generation, self.world_size) for _ in range(self.args.nproc)]
         for barrier in barriers:
             barrier.arrive()
+        return barriers
+
+    def _await_release(self, barriers: list[Any]) -> None:
+        from flashrun.worker.group import COMPLETE
+
         for barrier in barriers:
             if barrier.await_release(self.args.rendezvous_deadline_s) != COMPLETE:
-                raise RuntimeError(f"generation {generation} was superseded")
+                raise RuntimeError(f"generation {barrier.generation} was superseded")
 
     async def _summarise(self) -> None:
         while True:
@@ -237,7 +255,7 @@ async def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # A blocking store wait per agent: every agent of this process needs its own thread while it waits.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.agents) if args.store else None
+    pool = StorePools() if args.store else None
     connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
     agents = {i: SimulatedAgent(i, args, pool, connecting) for i in range(args.first, args.first + args.agents)}
     controller = asyncio.get_running_loop().create_task(control(agents))  # referenced: tasks are weakly held
