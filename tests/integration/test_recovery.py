@@ -106,6 +106,7 @@ def test_killed_or_frozen_worker_is_replaced_and_the_model_is_bit_identical(
 ) -> None:
     run, logs, out = start(launcher, tmp_path, 2)
     wait_for(lambda: reached(run, 15), 120, "step 15")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
     before = pids(launcher, run, logs)
     os.kill(before[1], fault)
     wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
@@ -142,6 +143,7 @@ def test_hang_before_a_collective_is_replaced_and_the_model_is_bit_identical(
 def test_two_failures_at_different_steps_on_four_ranks(launcher: Launcher, tmp_path: Path, reference: dict) -> None:
     run, logs, out = start(launcher, tmp_path, 4)
     wait_for(lambda: reached(run, 10), 120, "step 10")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
     first = pids(launcher, run, logs)
     os.kill(first[1], signal.SIGKILL)
     wait_for(lambda: named(logs, "recovered"), 60, "the first recovery")
@@ -158,6 +160,7 @@ def test_two_failures_at_different_steps_on_four_ranks(launcher: Launcher, tmp_p
 def test_second_failure_during_a_recovery(launcher: Launcher, tmp_path: Path, reference: dict) -> None:
     run, logs, out = start(launcher, tmp_path, 4)
     wait_for(lambda: reached(run, 15), 120, "step 15")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
     before = pids(launcher, run, logs)
     os.kill(before[1], signal.SIGKILL)
     wait_for(lambda: named(logs, "recovery_started"), 30, "the first recovery to start")
@@ -196,6 +199,7 @@ def test_single_rank_recovers_from_its_checkpoint(launcher: Launcher, tmp_path: 
     run = launcher.flashrun("--standalone", "--log-dir", str(logs), CHECKPOINT, str(tmp_path / "out.pt"), "40",
                             str(tmp_path / "ckpt"))
     wait_for(lambda: re.search(r"^\[rank0\]:step 12$", run.output, re.M), 120, "step 12")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
     os.kill(pids(launcher, run, logs)[0], signal.SIGKILL)
     finish(launcher, run, logs)
     resume = named(logs, "recovered")[0]["resume_step"]
@@ -209,6 +213,9 @@ def test_single_rank_without_checkpoint_fails_with_a_clear_message(launcher: Lau
     run = launcher.flashrun("--standalone", "--log-dir", str(logs), CHECKPOINT, str(tmp_path / "out.pt"), "1000",
                             "-")
     wait_for(lambda: re.search(r"^\[rank0\]:step 5$", run.output, re.M), 120, "step 5")
+    # The coordinator must know the rank runs the step loop (its next summary) before the kill, or the failure takes
+    # the full-restart path instead of the in-place one under test.
+    wait_for(lambda: named(logs, "recoverable"), 30, "the job to be known recoverable")
     os.kill(pids(launcher, run, logs)[0], signal.SIGKILL)
     assert run.wait(120) == 1, run.output
     assert "no replica holds the lost state and the script set no run.checkpoint()" in run.output
