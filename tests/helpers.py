@@ -7,6 +7,7 @@ find and kill whatever survived, and tests can assert that nothing did.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -123,3 +124,13 @@ class Launcher:
         for pid in self.survivors():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def events(logs: Path) -> list[dict]:
+    """The job's event log (<log-dir>/events.jsonl) so far; empty before it exists."""
+    path = logs / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def named(logs: Path, name: str) -> list[dict]:
+    return [event for event in events(logs) if event["event"] == name]

@@ -6,13 +6,12 @@ with --allow-inject unless a test says otherwise; every drill's effect is read f
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PROBES, REPO, Launch, Launcher, free_port, wait_for
+from tests.helpers import PROBES, REPO, Launch, Launcher, events, free_port, named, wait_for
 
 TRAIN = str(REPO / "scripts" / "examples" / "train_ddp.py")
 STEPS = 60
@@ -29,15 +28,6 @@ SURVIVORS_S = 60
 """After the job ends, how long its processes may take to be gone."""
 INJECT_EXIT_REFUSED = 1
 INJECT_EXIT_USAGE = 2
-
-
-def events(logs: Path) -> list[dict]:
-    path = logs / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def named(logs: Path, name: str) -> list[dict]:
-    return [event for event in events(logs) if event["event"] == name]
 
 
 def reached(run: Launch, step: int) -> bool:

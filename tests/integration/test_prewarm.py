@@ -7,8 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.helpers import PROBES, Launcher, wait_for
-from tests.integration.test_recovery import named
+from tests.helpers import PROBES, Launcher, named, wait_for
 
 PROBE = str(PROBES / "replacement_probe.py")
 # Differ between any two processes or runs by nature; compared by presence only.

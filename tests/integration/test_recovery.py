@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, Launch, Launcher, free_port, wait_for
+from tests.helpers import REPO, Launch, Launcher, free_port, named, wait_for
 
 TRAIN = str(REPO / "scripts" / "examples" / "train_ddp.py")
 STEPS = 80
@@ -47,15 +47,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, tu
 
 def last_loss(output: str) -> str:
     return re.findall(rf"^\[rank0\]:(step {STEPS - 1} loss \S+)$", output, re.M)[-1]
-
-
-def events(logs: Path) -> list[dict]:
-    path = logs / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def named(logs: Path, name: str) -> list[dict]:
-    return [event for event in events(logs) if event["event"] == name]
 
 
 def reached(run: Launch, step: int) -> bool:
