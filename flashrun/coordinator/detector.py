@@ -80,7 +80,6 @@ class _NodeState:
     max_step: int = -1
     oldest_beat_s: float = -1.0
     """Largest heartbeat age the agent reported among its unfinished library ranks (-1: none)."""
-    finished: bool = False
     min_generation: int = -1
     all_recoverable: bool = False
     history: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=collections.deque)
@@ -170,7 +169,7 @@ class FailureDetector:
                 finished = True
             elif report.heartbeat_age_s > oldest:
                 oldest = report.heartbeat_age_s
-        node.max_step, node.oldest_beat_s, node.finished = highest, oldest, finished
+        node.max_step, node.oldest_beat_s = highest, oldest
         node.min_generation = -1 if min_generation is None else min_generation
         _put(self._node_max, node_rank, highest if lowest is not None else None)
         _put(self._node_oldest_beat, node_rank, oldest if oldest >= 0 else None)

@@ -260,24 +260,23 @@ def _big_job(snapshot: Mapping[str, Any], width: int, lines: int) -> list[Text]:
     rank_lines = min(1 + len(laggards), left // 2) if laggards else 0
     node_lines = left - rank_lines
     if node_lines >= 2:
-        layout = fit_columns(NODE_COLUMNS, width)
-        rows = node_lines - 1
-        shown = _worst_first(nodes, "node", rows if len(nodes) <= rows else rows - 1)
-        out.append(table_header(layout))
-        out.extend(table_row(layout, node) for node in shown)
-        if len(shown) < len(nodes):
-            out.append(Text(f"... {len(nodes) - len(shown)} more nodes", style="dim", no_wrap=True))
+        out.extend(_worst_rows(NODE_COLUMNS, nodes, "node", node_lines, width, "more nodes"))
     else:
         rank_lines = left
     if rank_lines >= 2:
-        layout = fit_columns(RANK_COLUMNS, width)
-        rows = rank_lines - 1
-        shown = _worst_first(laggards, "rank", rows if len(laggards) <= rows else rows - 1)
-        out.append(table_header(layout))
-        out.extend(table_row(layout, rank) for rank in shown)
-        if len(shown) < len(laggards):
-            out.append(Text(f"... {len(laggards) - len(shown)} more ranks not running", style="dim",
-                            no_wrap=True))
+        out.extend(_worst_rows(RANK_COLUMNS, laggards, "rank", rank_lines, width, "more ranks not running"))
+    return out
+
+
+def _worst_rows(columns: Sequence[Column], items: Sequence[Mapping[str, Any]], key: str, lines: int, width: int,
+                more: str) -> list[Text]:
+    """A table of at most `lines` lines (header included): the worst items first, the rest counted on the last."""
+    layout = fit_columns(columns, width)
+    rows = lines - 1
+    shown = _worst_first(items, key, rows if len(items) <= rows else rows - 1)
+    out = [table_header(layout), *(table_row(layout, item) for item in shown)]
+    if len(shown) < len(items):
+        out.append(Text(f"... {len(items) - len(shown)} {more}", style="dim", no_wrap=True))
     return out
 
 
