@@ -7,6 +7,7 @@ anywhere else, so the same script runs under torchrun or plain python.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
 import sys
@@ -147,10 +148,24 @@ def _exiting() -> None:
 _crashed = False
 
 
+UNCAUGHT_EXCEPTION_EXIT_CODE = 1
+"""What Python itself exits with after an uncaught exception."""
+
+
 def _note_crash(kind: type[BaseException], value: BaseException, traceback: object) -> None:
     global _crashed
     _crashed = True
     _previous_excepthook(kind, value, traceback)  # type: ignore[arg-type]
+    if issubclass(kind, KeyboardInterrupt):
+        return  # Python ends that one by SIGINT, which the agent reads as an interrupt: keep it
+    # The script is dead; finalising the interpreter would only tear torch's C++ objects down under threads that
+    # still use them (gloo, DDP): that sometimes ends in std::terminate, a SIGABRT instead of exit code 1, and it
+    # waits on any non-daemon thread, so the crash would surface late or never. Run the exit handlers, then go.
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be said on it
+            stream.flush()
+    os._exit(UNCAUGHT_EXCEPTION_EXIT_CODE)
 
 
 _previous_excepthook = sys.excepthook

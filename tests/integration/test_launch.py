@@ -12,6 +12,7 @@ from tests.helpers import PROBES, Launcher, free_port, wait_for
 
 ALLREDUCE = str(PROBES / "allreduce_probe.py")
 FAIL = str(PROBES / "fail_probe.py")
+RAISE = str(PROBES / "raise_probe.py")
 SLEEPER = str(PROBES / "sleeper.py")
 
 
@@ -70,6 +71,15 @@ def test_failure_beyond_max_restarts_names_the_root_cause(launcher: Launcher, tm
     assert 'fail_probe.py", line' in summary  # the traceback from the error file
     for attempt in (0, 1):
         assert (tmp_path / "logs" / f"attempt_{attempt}" / "1" / "error.json").is_file()
+    assert launcher.survivors() == []
+
+
+def test_worker_that_raises_exits_with_code_1_despite_a_live_thread(launcher: Launcher, tmp_path: Path) -> None:
+    run = launcher.flashrun("--standalone", "--nproc-per-node", "1", "--max-restarts", "0", RAISE, str(tmp_path))
+    assert run.wait(60) == 1, run.output
+    assert re.search(r"root cause.*rank 0 .* exited with code 1", run.output), run.output
+    assert "ValueError: injected failure on rank 0" in run.output
+    assert (tmp_path / "0.atexit").exists()  # the script's exit handlers still ran
     assert launcher.survivors() == []
 
 
