@@ -139,29 +139,35 @@ def mark_finished() -> None:
 
 
 def _exiting() -> None:
-    if _crashed:
-        return  # an uncaught exception: the agent reports the exit, not a quiet shutdown
-    mark_finished()
-    time.sleep(EXIT_BEAT_S)  # let that last beat leave before the interpreter stops its threads
+    if _crashed_by is None:
+        mark_finished()
+        time.sleep(EXIT_BEAT_S)  # let that last beat leave before the interpreter stops its threads
+    elif not issubclass(_crashed_by, KeyboardInterrupt):  # Python ends that one by SIGINT: leave it so
+        _exit_after_crash()
+    # After an uncaught exception the agent reports the exit itself, not a quiet shutdown.
 
 
-_crashed = False
-
-
+_crashed_by: type[BaseException] | None = None
+"""The uncaught exception's type, once one ended the script."""
 UNCAUGHT_EXCEPTION_EXIT_CODE = 1
 """What Python itself exits with after an uncaught exception."""
 
 
 def _note_crash(kind: type[BaseException], value: BaseException, traceback: object) -> None:
-    global _crashed
-    _crashed = True
+    # Only noted here: torch.distributed wraps sys.excepthook (to prefix "[rankN]:") and writes what this hook
+    # prints after it returns, so the process must not end inside it.
+    global _crashed_by
+    _crashed_by = kind
     _previous_excepthook(kind, value, traceback)  # type: ignore[arg-type]
-    if issubclass(kind, KeyboardInterrupt):
-        return  # Python ends that one by SIGINT, which the agent reads as an interrupt: keep it
-    # The script is dead; finalising the interpreter would only tear torch's C++ objects down under threads that
-    # still use them (gloo, DDP): that sometimes ends in std::terminate, a SIGABRT instead of exit code 1, and it
-    # waits on any non-daemon thread, so the crash would surface late or never. Run the exit handlers, then go.
-    atexit._run_exitfuncs()
+
+
+def _exit_after_crash() -> None:
+    """End a crashed worker once the exit handlers registered after `import flashrun` have run.
+
+    Finalising the interpreter would tear torch's C++ objects down under threads that still use them (gloo, DDP):
+    that sometimes ended in std::terminate, a SIGABRT instead of Python's exit code 1 (seen in CI). Handlers
+    registered before `import flashrun` are skipped.
+    """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be said on it
             stream.flush()

@@ -1,7 +1,7 @@
-"""Imports flashrun, leaves a non-daemon thread blocked forever, registers an exit handler, then raises.
+"""Joins a gloo group (so torch.distributed wraps sys.excepthook, as in training), registers an exit handler, raises.
 
-Plain Python would print the traceback and then wait on that thread for ever; a flashrun worker must still exit
-with code 1 at once, after running the exit handlers (which write DIR/<rank>.atexit).
+A flashrun worker must still print torch's "[rankN]:"-prefixed traceback, run the exit handler (it writes
+DIR/<rank>.atexit) and exit with Python's code 1.
 
 Usage: raise_probe.py DIR
 """
@@ -9,11 +9,12 @@ Usage: raise_probe.py DIR
 import atexit
 import os
 import sys
-import threading
+
+import torch.distributed as dist
 
 import flashrun  # noqa: F401  (installs the worker's crash handling under the flashrun launcher)
 
 directory, rank = sys.argv[1], os.environ["RANK"]
+dist.init_process_group("gloo")
 atexit.register(lambda: open(os.path.join(directory, f"{rank}.atexit"), "w").close())
-threading.Thread(target=threading.Event().wait, name="never-ends").start()
 raise ValueError(f"injected failure on rank {rank}")
