@@ -8,6 +8,7 @@ agent per trial, and measures:
   its stream breaks (a dead node); from the moment the simulator froze or dropped it to the coordinator's `failure`;
 - control-plane recovery: failure detected -> every agent acknowledged the new generation (`acknowledged`) -> every
   rank reported the new generation after its store rendezvous against the coordinator's TCPStore (`recovered`);
+- the coordinator's CPU time during that recovery (its own share of the latency; the rest is the simulators'),
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
 With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
@@ -133,11 +134,14 @@ class Job:
         )
         self.simulators: list[Lines] = []
         self._spares = 0
+        self.epoch = time.time()
+        """The simulated job's step 0, shared by every simulator process."""
 
     def simulate(self, count: int, first: int, prefix: str) -> Lines:
         command = [sys.executable, str(REPO / "scripts" / "sim_agents.py"), "--endpoint", f"127.0.0.1:{self.port}",
                    "--run-id", "scale", "--agents", str(count), "--first", str(first), "--host-prefix", prefix,
-                   "--nproc", str(self.args.nproc), "--step-s", str(self.args.step_s)]
+                   "--nproc", str(self.args.nproc), "--step-s", str(self.args.step_s),
+                   "--epoch", repr(self.epoch)]
         if not self.args.no_store:
             command.append("--store")
         # The simulators run niced: the coordinator stands for a process with a machine of its own, and what it
@@ -187,7 +191,9 @@ class Job:
         lost_at = wait_for(lambda: next((r["ts"] for s in self.simulators for r in s.matching(marker)
                                          if r.get("node") == node and r["ts"] > 0), None), f"{how} of node {node}")
         failure = wait_for(lambda: self.events("failure")[failures_before:], "the failure")[0]
+        cpu_at_failure = cpu_seconds(self.coordinator.pid)
         recovered = wait_for(lambda: self.events("recovered")[recovered_before:], "the recovery")[0]
+        cpu_in_recovery = cpu_seconds(self.coordinator.pid) - cpu_at_failure
         generation = recovered["generation"]
         acknowledged = next(e for e in self.events("recovery_phase")
                             if e["generation"] == generation and e.get("phase") == "acknowledged")
@@ -195,7 +201,8 @@ class Job:
             for record in simulator.matching(marker):
                 record["ts"] = 0
         return {"detect_s": failure["ts"] - lost_at, "acknowledged_s": acknowledged["since_detection_s"],
-                "recovered_s": recovered["since_detection_s"], "kind": failure["kind"] == "node_lost"}
+                "recovered_s": recovered["since_detection_s"], "coordinator_cpu_s": cpu_in_recovery,
+                "kind": failure["kind"] == "node_lost"}
 
     def close(self) -> None:
         for proc in [self.coordinator, *(s.proc for s in self.simulators)]:
@@ -276,8 +283,9 @@ def main() -> None:
     print(f"\n`{' '.join(['scripts/bench_scale.py', *sys.argv[1:]])}`: {args.trials} trials per kind of loss, "
           f"medians; {os.cpu_count()} cores shared by the coordinator and the simulators; node timeout 10 s")
     print("\n| nodes x ranks | node lost: stream broke | node lost: frozen (timeout 10 s) | agents acknowledged | "
-          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator CPU | coordinator RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator busy during it | coordinator CPU | "
+          "coordinator RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         drop, frozen = r["trials"]["drop"], r["trials"]["silence"]
         recovered = median([t["recovered_s"] for t in drop + frozen])
@@ -285,7 +293,8 @@ def main() -> None:
         print(f"| {r['nodes']} x {args.nproc} | {median([t['detect_s'] for t in drop]):.3f} s | "
               f"{median([t['detect_s'] for t in frozen]):.3f} s | "
               f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {recovered:.3f} s | "
-              f"{recovered / base_recovered:.2f}x | {100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
+              f"{recovered / base_recovered:.2f}x | {median([t['coordinator_cpu_s'] for t in drop + frozen]):.3f} s | "
+              f"{100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
 
 
 if __name__ == "__main__":

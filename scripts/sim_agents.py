@@ -73,7 +73,6 @@ class SimulatedAgent:
         self.rank_offset = 0
         self.world_size = 0
         self.store_port = 0
-        self.started_at = 0.0
         self.silent = False
         self.active = False
         self.urgent = asyncio.Event()
@@ -144,7 +143,6 @@ class SimulatedAgent:
         self.rank_offset = placement.rank_offset
         self.world_size = placement.world_size
         self.store_port = placement.master_port
-        self.started_at = time.monotonic()
         self.pacer.configure(placement.detection)
 
     async def _rebuild(self, generation: int, received: float) -> None:
@@ -204,7 +202,9 @@ class SimulatedAgent:
                     for local in range(self.args.nproc)}
             if not self.pacer.should_send(now, urgent, ages):
                 continue
-            step = int((now - self.started_at) / self.args.step_s) - 1
+            # A data-parallel job steps in lockstep (its collectives couple the ranks): every simulated rank counts
+            # from the one epoch, so agents that joined seconds apart do not look like stragglers.
+            step = int((time.time() - self.args.epoch) / self.args.step_s) - 1
             ranks = [
                 pb.RankProgress(local_rank=local, pid=pid, step=step, heartbeat_age_s=age,
                                 generation=self.rank_generation, recoverable=True)
@@ -243,6 +243,8 @@ async def main() -> None:
     parser.add_argument("--host-prefix", default="sim")
     parser.add_argument("--nproc", type=int, default=8, help="ranks each simulated agent owns")
     parser.add_argument("--step-s", type=float, default=0.1, help="simulated step time")
+    parser.add_argument("--epoch", type=float, default=None,
+                        help="Unix time of the job's step 0, shared by the simulator processes (default: now)")
     parser.add_argument("--shared-connection", action="store_true",
                         help="the agents of this process share one TCP connection, each on its own stream (default: "
                              "a connection per agent, as on separate hosts)")
@@ -250,6 +252,8 @@ async def main() -> None:
     parser.add_argument("--store-host", default="127.0.0.1")
     parser.add_argument("--rendezvous-deadline-s", type=float, default=60.0)
     args = parser.parse_args()
+    if args.epoch is None:
+        args.epoch = time.time()
     if args.store:
         import torch.distributed  # noqa: F401 - imported now, as a worker has before any recovery, not mid-recovery
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

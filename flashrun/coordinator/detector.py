@@ -117,6 +117,7 @@ class FailureDetector:
         self.stragglers: set[int] = set()
         self.leader_step = -1
         self._lagging_since: dict[int, float] = {}
+        self._stragglers_scanned_at = -math.inf
 
     # Inputs -----------------------------------------------------------------------------------------------
 
@@ -359,6 +360,9 @@ class FailureDetector:
         if not self._node_max:
             return
         leader = self.leader_step = max(self._node_max.values())
+        if now - self._stragglers_scanned_at < self.settings.heartbeat_interval_s:
+            return  # step samples are no finer than a heartbeat; lagging nodes would be rescanned on every check
+        self._stragglers_scanned_at = now
         lag = self._straggler_lag()
         lagging: set[int] = set()
         if leader - self._true_min >= lag:

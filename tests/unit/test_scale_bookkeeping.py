@@ -40,6 +40,38 @@ def test_a_node_lagging_far_behind_makes_stragglers_of_its_ranks_only() -> None:
     assert detector.stragglers == set(range(40, 48))
 
 
+def test_lagging_nodes_are_rescanned_once_per_heartbeat_interval_not_on_every_check() -> None:
+    settings = Detection()
+    detector = FailureDetector(settings, {n: range(8 * n, 8 * n + 8) for n in range(16)}, 0.0)
+    scans = 0
+    lag_of = detector._straggler_lag  # called once per scan of the lagging nodes
+
+    def counted() -> int:
+        nonlocal scans
+        scans += 1
+        return lag_of()
+
+    detector._straggler_lag = counted  # type: ignore[method-assign]
+    checks_per_summary = round(settings.heartbeat_interval_s / 0.05)  # the coordinator checks at 20 Hz
+    summaries = 40
+    now = 0.0
+    for check in range(summaries * checks_per_summary):
+        now = check * 0.05
+        if check % checks_per_summary == 0:
+            summary = check // checks_per_summary
+            for node in range(16):
+                detector.observe(node, node_reports(summary // 4 if node == 5 else summary), now,
+                                 rank_offset=8 * node)
+        assert detector.check(now) == []
+
+    assert detector.stragglers == set(range(40, 48))
+    assert summaries - 1 <= scans <= summaries + 1  # not once per check (200)
+    caught_up = now + settings.heartbeat_interval_s
+    for node in range(16):
+        detector.observe(node, node_reports(summaries), caught_up, rank_offset=8 * node)
+    assert detector.check(caught_up) == [] and detector.stragglers == set()
+
+
 def test_the_last_agent_to_summarise_the_new_generation_completes_the_acknowledgement() -> None:
     job = recoverable_job(nnodes=3, nproc=2)
     exit_of(job, 3, now=CRASH_AT)
