@@ -17,9 +17,10 @@ Its outcome says how the failures were answered: `recovered` (in place: `recover
 `job failed`, `job ended` (the job succeeded before recovering) or `unfinished` (the log ends first).
 
 Per outage, from its first failure (detection = that `failure` event's `ts`):
-  detect      onset -> detection: the `failure`'s ts - its `exited_at` (the worker's exit as its agent saw it).
-              Only crashes carry an onset; for the other kinds the log has none and detect is unknown. Across
-              nodes this includes the clocks' skew.
+  detect      onset -> detection. A crash: the `failure`'s ts - its `exited_at` (the worker's exit as its agent saw
+              it; across nodes this includes the clocks' skew). The other kinds: its `silent_s`, since the last
+              sign of life the coordinator had (the node's last summary, the rank's last heartbeat, the job's last
+              step), which came at or before the onset. Unknown when the failure carries neither.
   abort, respawn, rebuild, sync
               the `recovery_phase` events' duration_s (the same as `recovered`'s abort_s, ...): each the slowest
               rank's own measure. They overlap (the replacement starts while the others abort), so they do not add
@@ -249,6 +250,7 @@ def build_report(records: list[dict[str, Any]]) -> Report:
 def _failure_row(record: dict[str, Any], number: int, outage: int, start_ts: float) -> FailureRow:
     ts = float(record["ts"])
     exited_at = _number(record.get("exited_at"))
+    detect_s = ts - exited_at if exited_at is not None else _number(record.get("silent_s"))
     ranks = record.get("ranks")
     return FailureRow(
         number=number, outage=outage, at_s=ts - start_ts, generation=_integer(record.get("generation")) or 0,
@@ -256,7 +258,7 @@ def _failure_row(record: dict[str, Any], number: int, outage: int, start_ts: flo
         ranks=[r for r in ranks if _integer(r) is not None] if isinstance(ranks, list) else [],
         node=_integer(record.get("node")), exit_code=_integer(record.get("exit_code")),
         evidence=str(record.get("evidence", "")), job_step=_integer(record.get("job_step")),
-        leader_step=_integer(record.get("leader_step")), detect_s=ts - exited_at if exited_at is not None else None,
+        leader_step=_integer(record.get("leader_step")), detect_s=detect_s,
     )
 
 
@@ -324,10 +326,10 @@ def format_report(report: Report) -> str:
                 for o in report.outages]
         lines.extend(_table(["#", "failures", "outcome", "detect", "abort", "respawn", "rebuild", "sync", "recovered",
                              "first step", "total", "lost", "redone"], rows, left={1, 2}))
-        lines.append("  detect: failure -> detected (crashes only).  recovered: detected -> every rank in the new "
-                     "generation")
-        lines.append("  (for a restart: -> restarting).  first step: recovered -> first new step done.  total: "
-                     "detected -> first new step.")
+        lines.append("  detect: the crash (or the last sign of life) -> detected.  recovered: detected -> every rank "
+                     "in the new generation")
+        lines.append("  (for a restart: -> restarting).  first step: recovered -> first new step.  total: detected -> "
+                     "first new step.")
         lines.append("  lost: failure (or detected) -> first new step, restart or job end.  redone: steps computed "
                      "twice.")
     lines.append("")

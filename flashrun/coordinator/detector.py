@@ -60,6 +60,9 @@ class Detected:
     ranks: tuple[int, ...]
     node_rank: int | None
     evidence: str
+    silent_s: float | None = None
+    """How long before its detection the failure began: since the node's last summary, the rank's last heartbeat or
+    the job's last step (a lower bound: the last sign of life came before the failure)."""
 
 
 @dataclasses.dataclass
@@ -297,7 +300,7 @@ class FailureDetector:
             return []
         return [
             Detected("node_lost", tuple(sorted(self._nodes[node].ranks)), node,
-                     f"no summary from node {node} for {now - seen:.2f} s (timeout {timeout:g} s)")
+                     f"no summary from node {node} for {now - seen:.2f} s (timeout {timeout:g} s)", now - seen)
             for node, seen in sorted(self._node_seen.items()) if now - seen > timeout
         ]
 
@@ -310,13 +313,15 @@ class FailureDetector:
         found = []
         for node_rank in sorted(n for n, age in self._node_oldest_beat.items() if age > timeout):
             for rank in sorted(self._nodes[node_rank].ranks):
-                report = self._ranks[rank].report
+                state = self._ranks[rank]
+                report = state.report
                 age = report.heartbeat_age_s
                 limit = timeout if report.step >= 0 else max(timeout, self.settings.startup_heartbeat_timeout_s)
                 if age > limit and not report.finished:
                     found.append(Detected("unresponsive", (rank,), node_rank,
                                           f"no heartbeat from rank {rank} (pid {report.pid}) for {age:.2f} s "
-                                          f"(timeout {limit:g} s); last completed step {report.step}"))
+                                          f"(timeout {limit:g} s); last completed step {report.step}",
+                                          age + now - state.received_at))
         return found
 
     def _stalled(self, now: float) -> list[Detected]:
@@ -339,10 +344,10 @@ class FailureDetector:
                 nodes = {node_of.get(r) for r in culprits}
                 return [Detected("stalled", culprits, nodes.pop() if len(nodes) == 1 else None,
                                  f"{base}; ranks {_ranks_text(blocked)} wait in {name} #{seq}, ranks "
-                                 f"{_ranks_text(culprits)} never entered it")]
+                                 f"{_ranks_text(culprits)} never entered it", idle)]
             return [Detected("stalled", (), None, f"{base}; every rank waits in {name} #{seq}: no single culprit "
-                                                  "(a lost peer connection or a hang below the collective)")]
-        return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit")]
+                                                  "(a lost peer connection or a hang below the collective)", idle)]
+        return [Detected("stalled", (), None, f"{base}; no rank is inside a collective: no single culprit", idle)]
 
     def _straggler_lag(self) -> int:
         """Steps behind the leader that make a straggler. A rank's counter is sampled by its heartbeat and reaches

@@ -212,6 +212,8 @@ class Failure:
     traceback: str = ""
     exited_at: float | None = None
     """A crash's exit, Unix time as its agent saw it: the failure's onset, for detection latency."""
+    silent_s: float | None = None
+    """For a failure the detector found: how long before detection its last sign of life came (Detected.silent_s)."""
 
     def describe(self) -> str:
         if self.kind != "crash":
@@ -699,6 +701,8 @@ class Job:
             fields["exit_code"] = failure.exit_code
         if failure.exited_at is not None:
             fields["exited_at"] = failure.exited_at
+        if failure.silent_s is not None:
+            fields["silent_s"] = round(failure.silent_s, 4)
         if self.detector is not None:
             # What the failure interrupted: steps redone after a recovery are counted from these.
             fields["job_step"] = self.detector.job_step
@@ -708,7 +712,7 @@ class Job:
     def _from_detected(self, found: Detected) -> Failure:
         hosts = {m.hostname for a, m in self.members.items() if self.assignments[a].node_rank == found.node_rank}
         return Failure(found.kind, found.ranks, found.node_rank, hosts.pop() if hosts else "", found.evidence,
-                       self.generation)
+                       self.generation, silent_s=found.silent_s)
 
     def _stop_all(self, out: Output, now: float, cause: Failure) -> None:
         """Stop every member's workers; the faulty ones are killed at once (they may not heed SIGTERM)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -146,10 +147,21 @@ def join_generation(store: Any, generation: int, rank: int, world_size: int, bac
     # A healthy process has created more groups than its replacement, so the counter is set from the generation:
     # every rank of one generation agrees on the name, and no two generations share one.
     distributed_c10d._world.group_count = generation * GROUPS_PER_GENERATION
+    hook = sys.excepthook
     dist.init_process_group(
         backend, store=dist.PrefixStore("pg/", namespace), rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+    # torch wraps sys.excepthook on every init to prefix tracebacks with "[rankN]:". A process keeps its rank across
+    # generations, so the first wrapper is kept; otherwise a survivor's traceback would carry one per generation.
+    global _excepthook_prefixed
+    if _excepthook_prefixed:
+        sys.excepthook = hook
+    _excepthook_prefixed = True
+
+
+_excepthook_prefixed = False
+"""Whether torch's rank-prefixing excepthook is in place already (see join_generation)."""
 
 
 def abandon_group(graveyard: list[Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+from flashrun.worker import group as group_module
 from flashrun.worker.abort import Aborter
-from flashrun.worker.group import Superseded, await_peers, connect_waiter, join_generation
+from flashrun.worker.group import Superseded, abandon_group, await_peers, connect_waiter, join_generation
 from tests.helpers import wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
@@ -159,5 +161,27 @@ def test_join_generation_forms_a_working_gloo_group(server: Any) -> None:
     try:
         assert dist.get_world_size() == 1
         assert server.get("flashrun/g8/released") == b"complete"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rejoining_rank_keeps_one_rank_prefix_on_its_tracebacks(server: Any, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch prefixes tracebacks on every init_process_group; a survivor rejoins once per recovery."""
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)  # restored after the test, wrappers and all
+    monkeypatch.setattr(group_module, "_excepthook_prefixed", False)
+    store = dist.TCPStore(server.host, server.port, is_master=False, wait_for_workers=False, timeout=STORE_TIMEOUT)
+    graveyard: list[Any] = []
+    for generation in (11, 12, 13):
+        abandon_group(graveyard)
+        join_generation(store, generation, 0, 1, "gloo", Aborter(generation), JOIN_DEADLINE_S)
+    try:
+        try:
+            raise ValueError("after three generations")
+        except ValueError:
+            sys.excepthook(*sys.exc_info())
+        printed = capsys.readouterr().err
+        assert "[rank0]: ValueError: after three generations" in printed, printed
+        assert "[rank0]: [rank0]:" not in printed, printed
     finally:
         dist.destroy_process_group()

@@ -43,6 +43,17 @@ def test_silent_heartbeats_make_that_rank_unresponsive() -> None:
 
     assert (failure.kind, failure.ranks, failure.node_rank) == ("unresponsive", (1,), 0)
     assert "no heartbeat from rank 1 (pid 101) for 2.40 s" in failure.evidence
+    assert abs(failure.silent_s - 2.4) < 1e-9  # its last heartbeat, as old as its agent measured it
+
+
+def test_an_unresponsive_rank_was_silent_since_its_last_beat_before_the_summary_came() -> None:
+    detector = FailureDetector(SETTINGS, NODES, 0.0)
+    step = steady(detector, 5.0)
+    feed(detector, 7.5, r0=report(0, step), r1=report(1, step, age=2.4), r2=report(2, step), r3=report(3, step))
+
+    [failure] = detector.check(7.7)  # the check comes 0.2 s after the summary
+
+    assert abs(failure.silent_s - 2.6) < 1e-9
 
 
 def test_a_late_summary_is_not_taken_for_silent_workers() -> None:
@@ -65,6 +76,7 @@ def test_the_rank_outside_the_blocked_collective_is_the_culprit_of_a_stall() -> 
 
     assert (failure.kind, failure.ranks) == ("stalled", (1,))
     assert f"ranks [0, 2, 3] wait in all_reduce #{step + 1}, ranks [1] never entered it" in failure.evidence
+    assert abs(failure.silent_s - (8.5 - step * 0.1)) < 0.01  # since the job's last step
 
 
 def test_a_stall_with_every_rank_inside_the_collective_names_no_culprit() -> None:
@@ -104,6 +116,7 @@ def test_a_node_whose_summaries_stop_is_lost_with_all_its_ranks() -> None:
     [failure] = detector.check(12.5)
 
     assert (failure.kind, failure.node_rank, failure.ranks) == ("node_lost", 1, (2, 3))
+    assert abs(failure.silent_s - (12.5 - 1.9)) < 0.11  # since its last summary, in the steady phase
 
 
 def test_a_slow_but_progressing_rank_is_a_straggler_not_a_failure() -> None:

@@ -152,13 +152,23 @@ def test_no_failures() -> None:
     assert "no failures" in text and "100.00 %" in text
 
 
-def test_unresponsive_has_no_onset_and_loses_time_from_detection() -> None:
+def test_a_failure_without_onset_loses_time_from_detection() -> None:
     failure = ev(5.0, "failure", kind="unresponsive", ranks=[1], rank=1, node=0, evidence="no heartbeat",
-                 job_step=10, leader_step=11)
+                 job_step=10, leader_step=11)  # a log written before failures carried silent_s
     report = build_report([*start(), failure, *recovery(5.0, 1, 0.1, resume=12, first_step=0.3),
                            *succeeded(9.0, 1)])
     assert report.outages[0].detect_s is None
     assert report.outages[0].lost_s == pytest.approx(0.3)
+
+
+def test_a_hang_is_timed_from_the_last_sign_of_life_the_coordinator_had() -> None:
+    failure = ev(5.0, "failure", kind="unresponsive", ranks=[1], rank=1, node=0, evidence="no heartbeat",
+                 job_step=10, leader_step=11, silent_s=2.1)
+    report = build_report([*start(), failure, *recovery(5.0, 1, 0.1, resume=12, first_step=0.3),
+                           *succeeded(9.0, 1)])
+    assert report.outages[0].detect_s == pytest.approx(2.1)
+    assert report.outages[0].lost_s == pytest.approx(2.1 + 0.3)
+    assert "2.100" in format_report(report) or "2.10" in format_report(report)
 
 
 def test_log_that_ends_mid_recovery_counts_until_its_last_event() -> None:
