@@ -49,12 +49,13 @@ SERVER_OPTIONS = [
     ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
 ]
 
-GC_INTERVAL_S = 10.0
-"""The coordinator's cyclic garbage collection runs on this schedule, never while a recovery is under way, instead of
-whenever allocations pass a threshold. A coordinator of thousands of nodes allocates tens of thousands of short-lived
-objects a second (summaries), freed by reference counting: at 4,096 simulated nodes the automatic young collections
-found nothing to collect and stalled the event loop for 0.6-0.8 s of each 4.7 s recovery (measured with
-gc.callbacks). The job's long-lived bookkeeping is frozen out of the collector's way (`_settle_heap`)."""
+GC_THRESHOLDS = (5_000, 20, 1_000)
+"""The cyclic collector's generation thresholds (Python's default: 700, 10, 10). A coordinator of thousands of nodes
+allocates tens of thousands of short-lived objects a second (summaries), freed by reference counting; rarer young
+collections and far rarer full ones mean fewer pauses of its event loop. During a recovery the collector is off
+altogether (`_pause_collector`): at 4,096 simulated nodes its young collections, which found nothing to collect,
+stalled the event loop for 0.6-0.8 s of each 4.7 s recovery (measured with gc.callbacks). Collecting on a fixed
+schedule instead was tried: a full collection then took 0.1-0.5 s every time."""
 
 EventSink = Callable[[jobs.Event], None]
 _Outbox = asyncio.Queue  # of pb.CoordinatorMessage | None: None closes the agent's stream
@@ -88,7 +89,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._gc_was_enabled = False
+        self._collector_paused = False
         self.port = 0
 
     # Lifecycle ----------------------------------------------------------------------------------------------
@@ -101,8 +102,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         except Exception as err:  # noqa: BLE001 - torch reports a taken port as a generic error
             raise FlashrunError(f"cannot host the workers' TCPStore on port {self._first_store_port}: {err}; "
                                 "choose another --master-port") from None
-        self._gc_was_enabled = gc.isenabled()
-        gc.disable()  # collected on the coordinator's schedule instead (_tick_loop)
+        gc.set_threshold(*GC_THRESHOLDS)
         loop = asyncio.new_event_loop()
         started: futures.Future[int] = futures.Future()
         self._thread = threading.Thread(target=self._serve, args=(loop, started), name="flashrun-coordinator",
@@ -177,8 +177,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             self._thread.join(START_TIMEOUT_S)
         self._loop = None
         self._stores.clear()
-        if self._gc_was_enabled:
-            gc.enable()  # the process may go on (tests, an embedding program) without the coordinator's schedule
+        if self._collector_paused:
+            self._resume_collector()  # the process may go on (tests, an embedding program)
 
     async def _close_all(self) -> None:
         with self._lock:
@@ -334,16 +334,12 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         raise AssertionError("Job.inject answers with an Inject or an InjectRefused")
 
     async def _tick_loop(self) -> None:
-        collected_at = time.monotonic()
         while True:
             await asyncio.sleep(TICK_INTERVAL_S)
-            now = time.monotonic()
             with self._lock:
-                self._apply(self._job.tick(now))
-                recovering = self._job.phase is jobs.Phase.RECOVERING
-            if not recovering and now - collected_at >= GC_INTERVAL_S:
-                gc.collect()
-                collected_at = now
+                self._apply(self._job.tick(time.monotonic()))
+                if self._collector_paused and self._job.phase is not jobs.Phase.RECOVERING:
+                    self._resume_collector()
 
     # Commands -----------------------------------------------------------------------------------------------
 
@@ -388,6 +384,17 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 )))
         if settle:
             _settle_heap()  # the new generation's detector is built: it lives until the next failure
+            self._pause_collector()
+
+    def _pause_collector(self) -> None:
+        """No cyclic collection while a recovery is under way (see GC_THRESHOLDS); reference counting goes on."""
+        if gc.isenabled():
+            gc.disable()
+            self._collector_paused = True
+
+    def _resume_collector(self) -> None:
+        self._collector_paused = False
+        gc.enable()
 
     def _start_generation(self, command: jobs.StartGeneration) -> None:
         store, self._next_store = self._next_store, None
