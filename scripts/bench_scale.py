@@ -8,7 +8,8 @@ agent per trial, and measures:
   its stream breaks (a dead node); from the moment the simulator froze or dropped it to the coordinator's `failure`;
 - control-plane recovery: failure detected -> every agent acknowledged the new generation (`acknowledged`) -> every
   rank reported the new generation after its store rendezvous against the coordinator's TCPStore (`recovered`);
-- the coordinator's CPU time during that recovery (its own share of the latency; the rest is the simulators'),
+- the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's (their share of
+  the latency; the rest is the simulators'),
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
 With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
@@ -62,6 +63,21 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as handle:
         fields = handle.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+STORE_THREAD = "pt_tcpstore_uv"
+"""The name of the thread that runs torch's TCPStore server (libuv backend) in the coordinator's process."""
+
+
+def store_cpu_seconds(pid: int) -> float:
+    """CPU time of the coordinator's TCPStore server thread."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip() == STORE_THREAD:
+                fields = (task / "stat").read_bytes().rsplit(b")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -192,8 +208,10 @@ class Job:
                                          if r.get("node") == node and r["ts"] > 0), None), f"{how} of node {node}")
         failure = wait_for(lambda: self.events("failure")[failures_before:], "the failure")[0]
         cpu_at_failure = cpu_seconds(self.coordinator.pid)
+        store_at_failure = store_cpu_seconds(self.coordinator.pid)
         recovered = wait_for(lambda: self.events("recovered")[recovered_before:], "the recovery")[0]
         cpu_in_recovery = cpu_seconds(self.coordinator.pid) - cpu_at_failure
+        store_in_recovery = store_cpu_seconds(self.coordinator.pid) - store_at_failure
         generation = recovered["generation"]
         acknowledged = next(e for e in self.events("recovery_phase")
                             if e["generation"] == generation and e.get("phase") == "acknowledged")
@@ -202,6 +220,7 @@ class Job:
                 record["ts"] = 0
         return {"detect_s": failure["ts"] - lost_at, "acknowledged_s": acknowledged["since_detection_s"],
                 "recovered_s": recovered["since_detection_s"], "coordinator_cpu_s": cpu_in_recovery,
+                "store_cpu_s": store_in_recovery,
                 "kind": failure["kind"] == "node_lost"}
 
     def close(self) -> None:
@@ -283,8 +302,8 @@ def main() -> None:
     print(f"\n`{' '.join(['scripts/bench_scale.py', *sys.argv[1:]])}`: {args.trials} trials per kind of loss, "
           f"medians; {os.cpu_count()} cores shared by the coordinator and the simulators; node timeout 10 s")
     print("\n| nodes x ranks | node lost: stream broke | node lost: frozen (timeout 10 s) | agents acknowledged | "
-          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator busy during it | coordinator CPU | "
-          "coordinator RSS |")
+          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator busy during it (store server) | "
+          "coordinator CPU | coordinator RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         drop, frozen = r["trials"]["drop"], r["trials"]["silence"]
@@ -293,7 +312,8 @@ def main() -> None:
         print(f"| {r['nodes']} x {args.nproc} | {median([t['detect_s'] for t in drop]):.3f} s | "
               f"{median([t['detect_s'] for t in frozen]):.3f} s | "
               f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {recovered:.3f} s | "
-              f"{recovered / base_recovered:.2f}x | {median([t['coordinator_cpu_s'] for t in drop + frozen]):.3f} s | "
+              f"{recovered / base_recovered:.2f}x | {median([t['coordinator_cpu_s'] for t in drop + frozen]):.2f} s "
+              f"({median([t['store_cpu_s'] for t in drop + frozen]):.2f} s) | "
               f"{100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
 
 
