@@ -9,6 +9,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import gc
+import io
 import os
 import sys
 import threading
@@ -168,10 +170,17 @@ def _exit_after_crash() -> None:
     that sometimes ended in std::terminate, a SIGABRT instead of Python's exit code 1 (seen in CI). Handlers
     registered before `import flashrun` are skipped.
     """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be said on it
-            stream.flush()
+    _flush_open_files()
     os._exit(UNCAUGHT_EXCEPTION_EXIT_CODE)
+
+
+def _flush_open_files() -> None:
+    """What finalisation would have written: the buffers of every file object still open (logs, metrics)."""
+    files = [obj for obj in gc.get_objects() if isinstance(obj, io.IOBase)]
+    for handle in [*files, sys.stdout, sys.stderr]:  # the console last, so that it gets what the others said
+        with contextlib.suppress(Exception):  # closed, read-only or broken: there is nothing to save in it
+            if not handle.closed:
+                handle.flush()
 
 
 _previous_excepthook = sys.excepthook

@@ -81,6 +81,7 @@ def test_worker_that_raises_prints_its_traceback_and_exits_with_code_1(launcher:
     # The agent's prefix, then torch's: its excepthook wrapper wrote what flashrun's hook printed.
     assert "[rank0]:[rank0]: ValueError: injected failure on rank 0" in run.output, run.output
     assert (tmp_path / "0.atexit").exists()  # the script's exit handlers ran
+    assert (tmp_path / "0.log").read_text() == "written before the crash, never flushed\n"
     assert launcher.survivors() == []
 
 
