@@ -19,6 +19,9 @@ PROTOCOL_VERSION = 1
 DEFAULT_RDZV_PORT = 29400  # torchrun's default for --rdzv-endpoint
 SLURM_PORT_BASE = 20000  # under Slurm the port is derived from the job id so jobs sharing a node don't collide
 SLURM_PORT_SPAN = 10000
+GENERATION_BARRIER_S = 120.0
+"""How long a rank waits at a new generation's barrier for the other ranks, and an agent for the other nodes, before
+giving up with an error (a newer generation, commanded when one goes missing, releases them long before)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """The store side of a generation change at scale: N simulated ranks against ONE real TCPStore server.
 
-Measures the barrier every rank passes before its new process group forms (flashrun.worker.group: the real
-`GenerationBarrier`, imported, not copied), and, for comparison, the previous implementation's polling loop (a
-copy kept below, labelled). gloo's own rendezvous inside init_process_group is not part of this benchmark.
+Measures the barrier a new generation passes before its process group forms (flashrun/agent/store_barrier.py: the
+real `GenerationBarrier`, imported, not copied), in three designs:
+- node (flashrun's): each node's agent arrives once for its ranks, and waits once (flashrun/agent/node_barrier.py);
+  the local hop from the ranks to their agent is not part of this benchmark;
+- rank (the previous one): every rank arrives and waits on the store itself;
+- old (the one before): every rank arrives, then polls the count (a copy kept below, labelled).
+gloo's own rendezvous inside init_process_group is not part of this benchmark.
 
 Simulation (a 2-core machine cannot run 32,768 processes):
 - the server: torch.distributed.TCPStore(is_master=True) (libuv backend, torch's default) in this process;
 - --procs worker processes (spawned before the server starts), each with --threads threads;
-- one simulated node = 8 ranks sharing ONE client connection (plus one waiter connection for the new barrier,
-  as a worker has its own two); a node's 8 ranks issue their operations in turn on it: first all 8 arrive, then
-  all 8 wait (the first wait blocks until the release; the next 7 find it already there);
+- one simulated node = 8 ranks sharing ONE client connection, plus one waiter connection (as an agent has two);
+  in the rank design a node's 8 ranks issue their operations in turn on it: first all 8 arrive, then all 8 wait
+  (the first wait blocks until the release; the next 7 find it already there);
 - a thread drives several nodes: it arrives for all of them, then waits for each.
 Time is measured from "generation announced" (every connection open, a start event set by this process) until the
 last simulated rank passed the barrier (CLOCK_MONOTONIC is shared by the processes). Operations are counted per
@@ -19,7 +23,7 @@ are one message each; the old loop's poll is an `add(key, 0)`.
 Usage (project virtualenv; defaults take about 2-3 minutes, most of it the 32,768-rank rows):
 
     .venv/bin/python scripts/bench_store.py
-    .venv/bin/python scripts/bench_store.py --ranks 64,512 --trials 3 --designs new
+    .venv/bin/python scripts/bench_store.py --ranks 64,512 --trials 3 --designs node
 """
 
 from __future__ import annotations
@@ -90,12 +94,13 @@ def old_polling_barrier(stores: list[Any], generation: int, world_size: int) -> 
 
 
 def _drive(design: str, nodes: list[tuple[Any, Any]], generation: int, world_size: int) -> None:
-    from flashrun.worker.group import COMPLETE, GenerationBarrier
+    from flashrun.agent.store_barrier import COMPLETE, GenerationBarrier
 
     if design == "old":
         old_polling_barrier([store for store, _ in nodes], generation, world_size)
         return
-    barriers = [[GenerationBarrier(store, waiter, generation, world_size) for _ in range(RANKS_PER_NODE)]
+    per_node, participants = (1, world_size // RANKS_PER_NODE) if design == "node" else (RANKS_PER_NODE, world_size)
+    barriers = [[GenerationBarrier(store, waiter, generation, participants) for _ in range(per_node)]
                 for store, waiter in nodes]
     for node in barriers:
         for barrier in node:
@@ -147,7 +152,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--procs", type=int, default=4, help="worker processes simulating the ranks")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
-    parser.add_argument("--designs", default="new,old", help="new (this change) and/or old (polling)")
+    parser.add_argument("--designs", default="node,rank,old",
+                        help="node (flashrun's: an arrival per node), rank (an arrival per rank), old (polling)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.ranks.split(",")]
     designs = args.designs.split(",")
@@ -214,7 +220,8 @@ def main() -> None:
         mean_ops = {name: statistics.mean(trial.get(name, 0.0) for trial in per_rank)
                     for name in sorted({name for trial in per_rank for name in trial})}
         described = ", ".join(f"{name} {count:.3g}" for name, count in mean_ops.items() if name != "set_timeout")
-        label = "new: add + release + blocking get" if design == "new" else "old: add + poll every 2 ms"
+        label = {"node": "node: per node, add + release + blocking get",
+                 "rank": "rank: per rank, add + release + blocking get", "old": "old: add + poll every 2 ms"}[design]
         print(f"| {world_size} ({world_size // RANKS_PER_NODE}) | {label} | {statistics.median(times) * 1e3:.1f} ms "
               f"| {min(times) * 1e3:.1f} - {max(times) * 1e3:.1f} ms | {described} |")
 

@@ -3,8 +3,9 @@
 Each simulated agent joins like `flashrun` does (flashrun.agent.protocol builds every message and paces the node
 summaries, exactly as in the real agent), pretends to own --nproc ranks that complete a step every --step-s seconds,
 and answers the coordinator's commands like a real agent: StartWorkers starts its ranks, Recover moves them to the new
-generation, Shutdown ends it. With --store, each of its ranks also runs the real store rendezvous of a new generation
-(flashrun.worker.group) against the coordinator's TCPStore before reporting that generation.
+generation, Shutdown ends it. With --store, each agent also runs the real barrier of a new generation against the
+coordinator's TCPStore before its ranks report that generation: as a real agent does once all of its ranks arrived
+(flashrun/agent/node_barrier.py), one arrival and one blocking wait per node (flashrun/agent/store_barrier.py).
 
 Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising but keeps its
 stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node). Every observation is one JSON
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flashrun._proto import flashrun_pb2 as pb  # noqa: E402
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc  # noqa: E402
+from flashrun.agent import store_barrier  # noqa: E402
 from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message, summary_message  # noqa: E402
 
 FAKE_PID_BASE = 10_000_000
@@ -72,6 +74,7 @@ class SimulatedAgent:
         self.node_rank = -1
         self.rank_offset = 0
         self.world_size = 0
+        self.nnodes = 0
         self.store_port = 0
         self.silent = False
         self.active = False
@@ -142,49 +145,39 @@ class SimulatedAgent:
         self.node_rank = placement.node_rank
         self.rank_offset = placement.rank_offset
         self.world_size = placement.world_size
+        self.nnodes = placement.nnodes
         self.store_port = placement.master_port
         self.pacer.configure(placement.detection)
 
     async def _rebuild(self, generation: int, received: float) -> None:
-        """The ranks' side of a recovery: the new generation's store rendezvous, then report that generation."""
+        """The ranks' side of a recovery: the new generation's barrier, then report that generation."""
         if self.args.store:
             assert self._pools is not None
             loop = asyncio.get_running_loop()
-            barriers = await loop.run_in_executor(self._pools.arrivals, self._arrive, generation)
-            await loop.run_in_executor(self._pools.waits, self._await_release, barriers)
+            barrier = await loop.run_in_executor(self._pools.arrivals, self._arrive, generation)
+            await loop.run_in_executor(self._pools.waits, self._await_release, barrier)
         if generation == self.generation:
             self.rank_generation = generation
             self.urgent.set()
         emit("rebuilt", agent=self.index, generation=generation, received=received)
 
     def _connect_store(self) -> None:
-        """The ranks' store connections, opened when they start, as workers hold theirs from their first generation:
-        the store server accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
-        import torch.distributed as dist
+        """The agent's two store connections, opened when its ranks start, as a real agent's are: the store server
+        accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
+        self.store = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
 
-        self.store = [dist.TCPStore(self.args.store_host, self.store_port, is_master=False, wait_for_workers=False)
-                      for _ in range(2)]
-
-    def _arrive(self, generation: int) -> list[Any]:
-        """Each simulated rank runs the workers' real barrier (flashrun.worker.group.GenerationBarrier): its own
-        arrival here, its own blocking wait for the release in `_await_release`. The node's ranks share this agent's
-        two connections (one for arrivals, one for the blocking waits), where real ranks have their own."""
-        from flashrun.worker.group import GenerationBarrier
-
+    def _arrive(self, generation: int) -> store_barrier.GenerationBarrier:
+        """The node's arrival at the job-wide barrier, made once all of its simulated ranks arrived (at once: they
+        are simulated). The local hop of real ranks to their agent is not simulated."""
         if self.store is None:
             self._connect_store()
-        store, waiter = self.store
-        barriers = [GenerationBarrier(store, waiter, generation, self.world_size) for _ in range(self.args.nproc)]
-        for barrier in barriers:
-            barrier.arrive()
-        return barriers
+        barrier = store_barrier.GenerationBarrier(*self.store, generation, self.nnodes)
+        barrier.arrive()
+        return barrier
 
-    def _await_release(self, barriers: list[Any]) -> None:
-        from flashrun.worker.group import COMPLETE
-
-        for barrier in barriers:
-            if barrier.await_release(self.args.rendezvous_deadline_s) != COMPLETE:
-                raise RuntimeError(f"generation {barrier.generation} was superseded")
+    def _await_release(self, barrier: store_barrier.GenerationBarrier) -> None:
+        if barrier.await_release(self.args.rendezvous_deadline_s) != store_barrier.COMPLETE:
+            raise RuntimeError(f"generation {barrier.generation} was superseded")
 
     async def _summarise(self) -> None:
         while True:

@@ -24,6 +24,7 @@ import grpc
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.agent.beats import HeartbeatBoard
+from flashrun.agent.node_barrier import NodeBarrier, Release
 from flashrun.agent.output import OutputPolicy, attempt_dir
 from flashrun.agent.prewarm import Zygote
 from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message
@@ -75,6 +76,7 @@ class Agent:
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers: WorkerGroup | None = None
         self._board: HeartbeatBoard | None = None
+        self._barrier = NodeBarrier(config.nproc_per_node, self._relay_release)
         self._pacer = SummaryPacer()
         self._summary_now = threading.Event()
         self._zygote: Zygote | None = None
@@ -94,7 +96,7 @@ class Agent:
         socket_dir = tempfile.mkdtemp(prefix="flashrun-agent-")  # short: Unix socket paths max out near 107 bytes
         try:
             self._board = HeartbeatBoard(os.path.join(socket_dir, "agent.sock"), self._config.nproc_per_node,
-                                         self._summary_now.set)
+                                         self._summary_now.set, self._on_arrival, self._barrier.prepare)
             self._wait_for_coordinator(channel)
             stub = pb_grpc.CoordinatorStub(channel)
             config = self._config
@@ -112,6 +114,7 @@ class Agent:
             self._outbox.put(None)
             if self._zygote is not None:
                 self._zygote.close()
+            self._barrier.close()
             channel.close()
             if self._board is not None:
                 self._board.close()
@@ -219,6 +222,7 @@ class Agent:
         config = self._config
         assert self._board is not None
         self._pacer.configure(start.detection)
+        self._place_barrier(start)
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
             self._spawn(group, start, local_rank, replacement=False)
@@ -235,7 +239,7 @@ class Agent:
             local_rank=local_rank, local_world_size=config.nproc_per_node, rank_offset=start.rank_offset,
             world_size=start.world_size, node_rank=start.node_rank, nnodes=start.nnodes,
             generation=start.generation, max_restarts=start.max_restarts, run_id=config.run_id, role=config.role,
-            master_addr=start.master_addr or config.master_addr or self._endpoint.host,
+            master_addr=self._master_addr(start),
             master_port=start.master_port, error_file=os.path.join(directory, "error.json"),
             agent_socket=self._board.socket_path, heartbeat_interval_s=self._pacer.heartbeat_interval_s,
         )
@@ -256,6 +260,23 @@ class Agent:
                                            "a fresh interpreter instead")
         if forked or (zygote is not None and zygote.broken.is_set()):
             self._prepare_zygote()
+
+    def _master_addr(self, start: pb.StartWorkers) -> str:
+        return start.master_addr or self._config.master_addr or self._endpoint.host
+
+    def _place_barrier(self, start: pb.StartWorkers) -> None:
+        """Before any worker of `start.generation` is commanded or spawned: older barriers are superseded first."""
+        self._barrier.place(self._master_addr(start), start.master_port, start.nnodes, start.generation)
+
+    def _on_arrival(self, local_rank: int, pid: int, generation: int) -> None:
+        """A worker waits at a generation's barrier (on its beat reader's thread)."""
+        workers = self._workers
+        self._barrier.arrive(local_rank, pid, generation, workers.pids_by_local_rank if workers else {})
+
+    def _relay_release(self, release: Release) -> None:
+        if self._board is not None:
+            for pid in release.pids:
+                self._board.release(pid, release.generation, release.outcome, release.detail)
 
     def _prepare_zygote(self) -> None:
         """Keep a pre-warmed zygote for the next replacement (a broken one is replaced; a working one reused:
@@ -279,6 +300,7 @@ class Agent:
         assert self._board is not None
         placement = recover.placement
         self._pacer.configure(placement.detection)
+        self._place_barrier(placement)
         if self._workers is None:  # a spare taking over a lost node: every local rank is a replacement
             self._workers = WorkerGroup(recover.generation, self._events.put)
             respawn = list(range(self._config.nproc_per_node))

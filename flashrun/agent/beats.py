@@ -1,9 +1,10 @@
 """The agent's side of its workers' heartbeats: a gRPC service on a Unix socket, the latest beat per worker, and
-the command stream back to each worker (the new generation to move to)."""
+the command stream back to each worker (the new generation to move to, a drill, a barrier's release)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import queue
 import threading
@@ -26,9 +27,14 @@ class LastBeat:
 class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
     """Keeps each worker's latest heartbeat (keyed by PID, so a replaced worker's old beats never count)."""
 
-    def __init__(self, socket_path: str, max_workers: int, on_urgent: Callable[[], None]) -> None:
+    def __init__(self, socket_path: str, max_workers: int, on_urgent: Callable[[], None],
+                 on_arrival: Callable[[int, int, int], None], on_attach: Callable[[], None]) -> None:
+        """`on_arrival(local_rank, pid, generation)`: a worker began waiting at a generation's barrier.
+        `on_attach()`: a worker connected."""
         self.socket_path = socket_path
         self._on_urgent = on_urgent
+        self._on_arrival = on_arrival
+        self._on_attach = on_attach
         self._lock = threading.Lock()
         self._beats: dict[int, LastBeat] = {}
         self._commands: dict[int, queue.SimpleQueue[pb.WorkerCommand | None]] = {}
@@ -51,14 +57,22 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
         with self._lock:
             self._commands[pid] = commands
             self._beats[pid] = LastBeat(time.monotonic(), first)
+        self._on_attach()
 
         def read() -> None:
+            awaiting = -1
             try:
-                for beat in request_iterator:
+                for beat in itertools.chain((first,), request_iterator):
                     with self._lock:
                         self._beats[pid] = LastBeat(time.monotonic(), beat)
                     if beat.urgent:
                         self._on_urgent()
+                    # A worker names the barrier it waits at in every beat until released: act on the first only.
+                    if beat.HasField("awaiting") and beat.awaiting.generation != awaiting:
+                        awaiting = beat.awaiting.generation
+                        self._on_arrival(beat.local_rank, pid, awaiting)
+                    elif not beat.HasField("awaiting"):
+                        awaiting = -1
             except grpc.RpcError:
                 pass
             with self._lock:
@@ -71,20 +85,23 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
 
     def command(self, pid: int, generation: int) -> bool:
         """Tell one worker to move to `generation`; False if it is not attached (it has no library or died)."""
-        with self._lock:
-            commands = self._commands.get(pid)
-        if commands is None:
-            return False
-        commands.put(pb.WorkerCommand(generation=generation))
-        return True
+        return self._send(pid, pb.WorkerCommand(generation=generation))
+
+    def release(self, pid: int, generation: int, outcome: str, detail: str) -> bool:
+        """Relay a barrier's outcome to a worker waiting at it; False if it is not attached (it died)."""
+        return self._send(pid, pb.WorkerCommand(release=pb.BarrierRelease(generation=generation, outcome=outcome,
+                                                                          detail=detail)))
 
     def drill(self, pid: int, kind: str, at_step: int) -> bool:
         """Relay a fault drill to one worker's step loop; False if it is not attached."""
+        return self._send(pid, pb.WorkerCommand(fault=pb.Fault(kind=kind, at_step=at_step)))
+
+    def _send(self, pid: int, command: pb.WorkerCommand) -> bool:
         with self._lock:
             commands = self._commands.get(pid)
         if commands is None:
             return False
-        commands.put(pb.WorkerCommand(fault=pb.Fault(kind=kind, at_step=at_step)))
+        commands.put(command)
         return True
 
     def forget(self, pids: set[int]) -> None:

@@ -45,6 +45,10 @@ class AgentLink:
         self.on_command: Callable[[int], None] | None = None
         self._early_commands: list[int] = []
         self._handler_lock = threading.Lock()
+        self._awaiting: int | None = None
+        """The generation whose barrier this worker waits at, told to the agent in every beat until released."""
+        self._released = threading.Condition()
+        self._releases: dict[int, tuple[str, str]] = {}
         self._channel = grpc.insecure_channel(f"unix:{socket_path}")
         self._stub = pb_grpc.WorkerChannelStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="flashrun-heartbeat", daemon=True)
@@ -57,7 +61,9 @@ class AgentLink:
         while True:
             report = progress.recovery
             urgent, self._urgent = self._urgent, False
+            awaiting = self._awaiting
             yield self._pb.WorkerBeat(urgent=urgent,
+                awaiting=self._pb.Arrival(generation=awaiting) if awaiting is not None else None,
                 local_rank=self._local_rank, generation=progress.generation, pid=pid, step=progress.step,
                 in_collective=bool(progress.collective), collective=progress.collective,
                 collective_seq=progress.collective_seq, recoverable=progress.recoverable, finished=progress.finished,
@@ -78,6 +84,12 @@ class AgentLink:
                 if command.HasField("fault"):
                     drills.arm(command.fault.kind, command.fault.at_step)
                     continue  # a drill moves no generation
+                if command.HasField("release"):
+                    with self._released:
+                        release = command.release
+                        self._releases[release.generation] = (release.outcome, release.detail)
+                        self._released.notify_all()
+                    continue
                 with self._handler_lock:
                     handler = self.on_command
                     if handler is None:
@@ -94,6 +106,20 @@ class AgentLink:
             early, self._early_commands = self._early_commands, []
         for generation in early:
             handler(generation)
+
+    def await_release(self, generation: int, timeout_s: float) -> tuple[str, str] | None:
+        """Arrive at `generation`'s barrier through the agent (which arrives once for the whole node) and wait for
+        its outcome: (outcome, detail) as flashrun/agent/node_barrier.py names them, or None after `timeout_s`."""
+        with self._released:
+            self._awaiting = generation
+        self.beat_now()
+        try:
+            with self._released:
+                if self._released.wait_for(lambda: generation in self._releases, timeout_s):
+                    return self._releases.pop(generation)
+                return None
+        finally:
+            self._awaiting = None
 
     def beat_now(self, urgent: bool = False) -> None:
         """Send a heartbeat now; an urgent one the agent forwards to the coordinator at once."""

@@ -27,19 +27,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flashrun.config import GENERATION_BARRIER_S
 from flashrun.errors import EXIT_UNRECOVERABLE
 from flashrun.worker import drills, replica
 from flashrun.worker.abort import Aborter
 from flashrun.worker.collectives import untracked
 from flashrun.worker.group import Superseded, abandon_group, join_generation
-from flashrun.worker.link import REPLACEMENT_ENV, attach_if_launched, beat_now, mark_finished
+from flashrun.worker.link import REPLACEMENT_ENV, AgentLink, attach_if_launched, beat_now, mark_finished
 from flashrun.worker.progress import RecoveryReport, progress
 
 RECOVERY_WAIT_S = 120.0
 """How long a worker whose step failed waits for the coordinator's new generation before giving up (the
 coordinator escalates much sooner by replacing it)."""
-JOIN_DEADLINE_S = 120.0
-"""How long a rank waits for its peers to arrive at a new generation."""
 CHECKPOINT_NAME = "flashrun-latest.pt"
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -113,6 +112,7 @@ class Run:
         self._graveyard: list[Any] = []
         self._replacement_spawned_at = float(os.environ.get(REPLACEMENT_ENV, "0") or 0)
         self._store: Any = None
+        self._link: AgentLink | None = None
         self._checkpoint: tuple[int, str] | None = None
         self._resumed_at = -1
 
@@ -127,8 +127,9 @@ class Run:
         link = attach_if_launched()
         assert link is not None
         link.set_command_handler(self.aborter.command)
-        join_generation(self._store, self.generation, self.rank, self.world_size, self.backend, self.aborter,
-                        JOIN_DEADLINE_S)
+        self._link = link
+        join_generation(self._store, link, self.generation, self.rank, self.world_size, self.backend, self.aborter,
+                        GENERATION_BARRIER_S)
         if not self._replacement_spawned_at:
             progress.generation = self.generation
 
@@ -236,8 +237,8 @@ class Run:
             try:
                 if not replacement:
                     abandon_group(self._graveyard)
-                    join_generation(self._store, target, self.rank, self.world_size, self.backend, self.aborter,
-                                    JOIN_DEADLINE_S)
+                    join_generation(self._store, self._link, target, self.rank, self.world_size, self.backend,
+                                    self.aborter, GENERATION_BARRIER_S)
                 if not self.aborter.settle(target):
                     raise Superseded
                 self.generation = target

@@ -1,0 +1,213 @@
+"""The node's side of a generation's barrier: the workers arrive at their agent, the agent arrives once for the node.
+
+Every rank of a new generation must have left the old process group before any rank enters the new one's gloo
+rendezvous (which cannot be aborted). Each worker reports its arrival on its agent link; once all of the node's
+local ranks arrived, the agent arrives at the job-wide store barrier (flashrun/agent/store_barrier.py) for all of
+them and relays the outcome to each. So the store server sees one participant per node, not per rank: O(nodes)
+operations per generation instead of O(ranks).
+
+The rule that keeps every rank's outcome the same: a node whose arrival at the store was decided takes the store's
+outcome, whatever happens locally (a newer generation only releases the store barrier as superseded, which wins only
+if it comes first). A node that had not decided to arrive never will, and answers its ranks "superseded" itself:
+without its arrival the barrier cannot complete anywhere.
+
+`NodeArrivals` decides (pure); `NodeBarrier` carries the decisions out on the store, on two threads of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flashrun.agent import store_barrier
+from flashrun.config import GENERATION_BARRIER_S
+
+COMPLETE = store_barrier.COMPLETE.decode()
+SUPERSEDED = store_barrier.SUPERSEDED.decode()
+TIMEOUT = "timeout"
+ERROR = "error"
+OUTCOMES_KEPT = 8
+"""Resolved generations whose outcome is kept for a worker that asks again (only the latest ever are)."""
+STORE_CONNECT_TIMEOUT_S = 60.0
+"""How long the agent's store connections wait for the coordinator's store server (and for each operation)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Tell these workers (by PID) the outcome of `generation`'s barrier."""
+
+    pids: tuple[int, ...]
+    generation: int
+    outcome: str
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class Decision:
+    releases: list[Release] = dataclasses.field(default_factory=list)
+    arrive: int | None = None
+    """Arrive at this generation's store barrier for the node."""
+    supersede: list[int] = dataclasses.field(default_factory=list)
+    """Release these generations' store barriers as superseded (each was arrived at and is unresolved)."""
+
+
+class NodeArrivals:
+    """Which local ranks are waiting at which generation, and what to do next. Pure: no clock, no I/O."""
+
+    def __init__(self, local_world_size: int) -> None:
+        self.local_world_size = local_world_size
+        self._waiting: dict[int, dict[int, int]] = {}
+        """generation -> {local rank: PID} of the workers waiting at it."""
+        self._arrived: set[int] = set()
+        """Generations this node decided to arrive at in the store, still unresolved."""
+        self._superseded_below = 0
+        self._outcomes: dict[int, tuple[str, str]] = {}
+
+    def arrive(self, local_rank: int, pid: int, generation: int, current: Mapping[int, int]) -> Decision:
+        """Worker `pid` (local rank `local_rank`) waits at `generation`; `current` is the node's live worker PID per
+        local rank. The node arrives once every local rank's current worker waits at the same generation."""
+        decision = Decision()
+        if generation in self._outcomes:
+            outcome, detail = self._outcomes[generation]
+            decision.releases.append(Release((pid,), generation, outcome, detail))
+            return decision
+        if generation < self._superseded_below and generation not in self._arrived:
+            self._resolve(generation, SUPERSEDED, "", decision, extra=(pid,))
+            return decision
+        waiting = self._waiting.setdefault(generation, {})
+        waiting[local_rank] = pid
+        if generation not in self._arrived and len(current) == self.local_world_size \
+                and all(waiting.get(rank) == worker for rank, worker in current.items()):
+            self._arrived.add(generation)
+            decision.arrive = generation
+        return decision
+
+    def supersede_below(self, generation: int) -> Decision:
+        """The node was put in `generation` (Recover or StartWorkers): older barriers will never be needed."""
+        decision = Decision()
+        self._superseded_below = max(self._superseded_below, generation)
+        for older in sorted(g for g in self._waiting if g < generation):
+            if older in self._arrived:
+                decision.supersede.append(older)
+            else:
+                self._resolve(older, SUPERSEDED, "", decision)
+        return decision
+
+    def resolved(self, generation: int, outcome: str, detail: str = "") -> Decision:
+        """The store barrier of `generation` was released (or failed): tell its waiting workers."""
+        decision = Decision()
+        self._arrived.discard(generation)
+        self._resolve(generation, outcome, detail, decision)
+        return decision
+
+    def _resolve(self, generation: int, outcome: str, detail: str, decision: Decision,
+                 extra: tuple[int, ...] = ()) -> None:
+        pids = tuple(sorted(set(self._waiting.pop(generation, {}).values()) | set(extra)))
+        if pids:
+            decision.releases.append(Release(pids, generation, outcome, detail))
+        self._outcomes[generation] = (outcome, detail)
+        for old in sorted(self._outcomes)[:-OUTCOMES_KEPT]:
+            del self._outcomes[old]
+
+
+class NodeBarrier:
+    """Runs `NodeArrivals`' decisions against the job's store: one thread for connecting, arrivals and releases, one
+    for the blocking wait (it holds its connection). torch.distributed is imported and the store connected once a
+    worker attaches (`prepare`), so an agent whose workers do not use flashrun's library never imports it."""
+
+    def __init__(self, local_world_size: int, send: Callable[[Release], None],
+                 deadline_s: float = GENERATION_BARRIER_S) -> None:
+        self._state = NodeArrivals(local_world_size)
+        self._send = send
+        self._deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._store_at: tuple[str, int] | None = None
+        self._nodes = 0
+        self._ops: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._waits: queue.SimpleQueue[store_barrier.GenerationBarrier | None] = queue.SimpleQueue()
+        self._connections: tuple[Any, Any] | None = None
+        self._broken = ""
+        self._threads_started = False
+
+    def place(self, host: str, port: int, nodes: int, generation: int) -> None:
+        """The node's placement (StartWorkers or Recover): where the job's store is (a full restart moves it), how
+        many nodes arrive, and the generation the node is in now. Older barriers are superseded on the old store."""
+        with self._lock:
+            decision = self._state.supersede_below(generation)
+            self._nodes = nodes
+            moved = (host, port) != self._store_at
+            self._store_at = (host, port)
+        self._carry_out(decision)
+        if moved:
+            self._ops.put(("connect", (host, port)))
+
+    def prepare(self) -> None:
+        """Connect to the store now (a worker attached: its first barrier is coming)."""
+        with self._lock:
+            if self._threads_started:
+                return
+            self._threads_started = True
+        threading.Thread(target=self._run_ops, name="flashrun-node-barrier", daemon=True).start()
+        threading.Thread(target=self._run_waits, name="flashrun-node-barrier-wait", daemon=True).start()
+
+    def arrive(self, local_rank: int, pid: int, generation: int, current: Mapping[int, int]) -> None:
+        self.prepare()
+        with self._lock:
+            decision = self._state.arrive(local_rank, pid, generation, current)
+        self._carry_out(decision)
+
+    def close(self) -> None:
+        self._ops.put(None)
+        self._waits.put(None)
+
+    def _carry_out(self, decision: Decision) -> None:
+        for release in decision.releases:
+            self._send(release)
+        if decision.arrive is not None:
+            self._ops.put(("arrive", decision.arrive))
+        for generation in decision.supersede:
+            self._ops.put(("supersede", generation))
+
+    def _resolved(self, generation: int, outcome: str, detail: str = "") -> None:
+        with self._lock:
+            decision = self._state.resolved(generation, outcome, detail)
+        self._carry_out(decision)
+
+    def _connect(self, host: str, port: int) -> None:
+        self._connections, self._broken = None, ""
+        try:
+            self._connections = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - any failure to connect ends the same way
+            self._broken = f"the agent cannot reach the job's store at {host}:{port}: {err}"
+
+    def _run_ops(self) -> None:
+        while (op := self._ops.get()) is not None:
+            action, argument = op
+            if action == "connect":
+                self._connect(*argument)
+                continue
+            generation = argument
+            if self._connections is None:
+                self._resolved(generation, ERROR, self._broken or "the agent has no store to arrive at")
+                continue
+            barrier = store_barrier.GenerationBarrier(*self._connections, generation, self._nodes)
+            try:
+                if action == "arrive":
+                    barrier.arrive()
+                    self._waits.put(barrier)
+                else:
+                    barrier.release(store_barrier.SUPERSEDED)
+            except Exception as err:  # noqa: BLE001 - the store server is gone: the generation cannot form
+                self._resolved(generation, ERROR, f"the job's store failed: {err}")
+
+    def _run_waits(self) -> None:
+        while (barrier := self._waits.get()) is not None:
+            try:
+                self._resolved(barrier.generation, barrier.await_release(self._deadline_s).decode())
+            except TimeoutError as err:
+                self._resolved(barrier.generation, TIMEOUT, str(err))
+            except Exception as err:  # noqa: BLE001 - the store server is gone: the generation cannot form
+                self._resolved(barrier.generation, ERROR, f"the job's store failed: {err}")
