@@ -7,9 +7,10 @@ agent per trial, and measures:
 - node-loss detection: an agent stops summarising (a frozen node; detection takes the node timeout by design) or
   its stream breaks (a dead node); from the moment the simulator froze or dropped it to the coordinator's `failure`;
 - control-plane recovery: failure detected -> every agent acknowledged the new generation (`acknowledged`) -> every
-  rank reported the new generation after its store rendezvous against the coordinator's TCPStore (`recovered`);
-- the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's (their share of
-  the latency; the rest is the simulators'),
+  rank reported the new generation after its node's barrier against the coordinator's TCPStore (`recovered`; each
+  agent arrives once for its ranks, as flashrun's agent does);
+- the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's, and the simulator
+  processes' CPU time (where the 2 cores went);
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
 With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
@@ -212,9 +213,11 @@ class Job:
         failure = wait_for(lambda: self.events("failure")[failures_before:], "the failure")[0]
         cpu_at_failure = cpu_seconds(self.coordinator.pid)
         store_at_failure = store_cpu_seconds(self.coordinator.pid)
+        simulators_at_failure = self.simulators_cpu_seconds()
         recovered = wait_for(lambda: self.events("recovered")[recovered_before:], "the recovery")[0]
         cpu_in_recovery = cpu_seconds(self.coordinator.pid) - cpu_at_failure
         store_in_recovery = store_cpu_seconds(self.coordinator.pid) - store_at_failure
+        simulators_in_recovery = self.simulators_cpu_seconds() - simulators_at_failure
         generation = recovered["generation"]
         acknowledged = next(e for e in self.events("recovery_phase")
                             if e["generation"] == generation and e.get("phase") == "acknowledged")
@@ -223,8 +226,15 @@ class Job:
                 record["ts"] = 0
         return {"detect_s": failure["ts"] - lost_at, "acknowledged_s": acknowledged["since_detection_s"],
                 "recovered_s": recovered["since_detection_s"], "coordinator_cpu_s": cpu_in_recovery,
-                "store_cpu_s": store_in_recovery,
+                "store_cpu_s": store_in_recovery, "simulators_cpu_s": simulators_in_recovery,
                 "kind": failure["kind"] == "node_lost"}
+
+    def simulators_cpu_seconds(self) -> float:
+        total = 0.0
+        for simulator in self.simulators:
+            with contextlib.suppress(OSError):  # a spare that was shut down has exited
+                total += cpu_seconds(simulator.proc.pid)
+        return total
 
     def close(self) -> None:
         for proc in [self.coordinator, *(s.proc for s in self.simulators)]:
@@ -292,7 +302,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="node losses of each kind per size")
     parser.add_argument("--steady-s", type=float, default=10.0, help="steady-state CPU measurement window")
     parser.add_argument("--step-s", type=float, default=0.1, help="simulated step time")
-    parser.add_argument("--no-store", action="store_true", help="skip the ranks' store rendezvous on recovery")
+    parser.add_argument("--no-store", action="store_true", help="skip the nodes' store barrier on recovery")
     parser.add_argument("--soak-s", type=float, default=0.0, help="instead: run one size this long, sample memory")
     parser.add_argument("--soak-sample-s", type=float, default=10.0)
     args = parser.parse_args()
@@ -306,8 +316,8 @@ def main() -> None:
           f"medians; {os.cpu_count()} cores shared by the coordinator and the simulators; node timeout 10 s")
     print("\n| nodes x ranks | node lost: stream broke | node lost: frozen (timeout 10 s) | agents acknowledged | "
           "ranks rebuilt (control-plane recovery) | vs smallest | coordinator busy during it (store server) | "
-          "coordinator CPU | coordinator RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "simulators busy during it | coordinator CPU | coordinator RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         drop, frozen = r["trials"]["drop"], r["trials"]["silence"]
         recovered = median([t["recovered_s"] for t in drop + frozen])
@@ -317,6 +327,7 @@ def main() -> None:
               f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {recovered:.3f} s | "
               f"{recovered / base_recovered:.2f}x | {median([t['coordinator_cpu_s'] for t in drop + frozen]):.2f} s "
               f"({median([t['store_cpu_s'] for t in drop + frozen]):.2f} s) | "
+              f"{median([t['simulators_cpu_s'] for t in drop + frozen]):.2f} s | "
               f"{100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
 
 
