@@ -7,6 +7,8 @@ been applied exactly once (the loss of the last step matches too), and healthy r
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import re
@@ -16,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from tests.helpers import REPO, Launch, Launcher, free_port, named, wait_for
+from tests.helpers import REPO, Launch, Launcher, free_port, named, tagged_pids, wait_for
 
 TRAIN = str(REPO / "scripts" / "examples" / "train_ddp.py")
 STEPS = 80
@@ -178,6 +181,48 @@ def test_killed_agent_is_replaced_by_a_spare(launcher: Launcher, tmp_path: Path,
     assert spare.wait(60) == 0, spare.output
     assert named(logs, "spare_takes_over")[0]["node"] == 1
     assert_same_model(out, reference[2], node0.output, 2)
+
+
+def environ(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/environ").read_text()
+    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
+
+
+def workers_by_rank(launcher: Launcher) -> dict[int, int]:
+    """The live workers of this test's launches: global rank -> PID."""
+    found = {}
+    for pid in tagged_pids(launcher.tag):
+        with contextlib.suppress(OSError):
+            env = environ(pid)
+            if "RANK" in env and "LOCAL_RANK" in env:
+                found[int(env["RANK"])] = pid
+    return found
+
+
+def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
+                                                          reference: dict) -> None:
+    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery."""
+    logs, out = tmp_path / "logs", tmp_path / "out.pt"
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *train_args(out), name="node0")
+    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", *train_args(out), name="node1")
+    wait_for(lambda: reached(node0, 10), 120, "step 10")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
+    before = workers_by_rank(launcher)
+    env = environ(before[0])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    os.kill(before[3], signal.SIGKILL)
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    generation = named(logs, "recovered")[0]["generation"]
+    assert [int(store.add(f"flashrun/g{g}/arrived", 0)) for g in (0, generation)] == [2, 2]
+    assert [store.get(f"flashrun/g{g}/released") for g in (0, generation)] == [b"complete", b"complete"]
+    del store
+    finish(launcher, node0, logs)
+    assert node1.wait(60) == 0, node1.output
+    assert_same_model(out, reference[4], node0.output, 4)
 
 
 CHECKPOINT = str(REPO / "tests" / "probes" / "checkpoint_probe.py")
