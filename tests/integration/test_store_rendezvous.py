@@ -209,6 +209,20 @@ def test_a_newer_generation_releases_both_arrived_and_unarrived_nodes(server: An
     assert int(server.add("flashrun/g4/arrived", 0)) == 1
 
 
+def test_a_full_restart_moves_the_barrier_to_the_new_store(server: Any, nodes: list[Node]) -> None:
+    """A full restart hosts a new store: a half-arrived generation is superseded, the next one uses the new store."""
+    nodes.append(Node(server, 0, local_world_size=2, nodes=1, generation=1))
+    nodes[0].arrive(1, [0])
+    restarted = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
+    nodes[0].barrier.place(restarted.host, restarted.port, 1, 2)
+    assert nodes[0].outcomes(1) == {nodes[0].workers[0]: SUPERSEDED}
+    nodes[0].workers = {0: 3000, 1: 3001}  # the restart's new processes
+    nodes[0].arrive(2)
+    assert nodes[0].outcomes(2) == {3000: COMPLETE, 3001: COMPLETE}
+    assert restarted.get("flashrun/g2/released") == b"complete"
+    assert int(server.add("flashrun/g2/arrived", 0)) == 0 and int(server.add("flashrun/g1/arrived", 0)) == 0
+
+
 def test_an_unreachable_store_is_an_error_for_the_waiting_ranks(server: Any, nodes: list[Node],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("flashrun.agent.node_barrier.STORE_CONNECT_TIMEOUT_S", 1.0)
