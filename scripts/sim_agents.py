@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
+import queue
 import random
 import resource
 import sys
+import threading
 import time
 from typing import Any
 
@@ -48,15 +51,67 @@ def emit(event: str, **fields: Any) -> None:
 
 
 STORE_THREADS = 4
-"""Threads per simulator process for the ranks' blocking store calls, arrivals and waits apart: a wait blocks until
-every rank arrived, so arrivals must never queue behind waits. Few threads: their GIL traffic is the simulation's
-cost, and with hundreds of agents per process it would crowd out the agents' own replies."""
+"""Threads per simulator process that open the agents' store connections at start."""
 
 
 class StorePools:
-    def __init__(self) -> None:
-        self.arrivals = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-arrive")
-        self.waits = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-wait")
+    """The store work of a simulator process's agents, off the event loop.
+
+    Each agent's barrier operations are its own, on its own two connections, but they run in batches on two threads
+    per process (arrivals, then waits), and each batch hands its results back to the event loop at once. A handoff
+    per agent (two thread switches and GIL round trips each, for thousands of agents in one process) was the
+    largest cost of a simulated recovery; real agents, each on its own machine, do not share it.
+    Arrivals and waits have a thread each because a wait blocks until every node arrived: arrivals must never queue
+    behind it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
+        self.connects = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-connect")
+        self._loop = loop
+        self._deadline_s = deadline_s
+        self._arrivals: queue.SimpleQueue[tuple[SimulatedAgent, int, asyncio.Future[bytes]]] = queue.SimpleQueue()
+        self._waits: queue.SimpleQueue[
+            list[tuple[store_barrier.GenerationBarrier, asyncio.Future[bytes]]]] = queue.SimpleQueue()
+        threading.Thread(target=self._arrive, name="sim-arrive", daemon=True).start()
+        threading.Thread(target=self._wait, name="sim-wait", daemon=True).start()
+
+    def barrier(self, agent: SimulatedAgent, generation: int) -> asyncio.Future[bytes]:
+        """The agent's arrival at `generation`'s barrier; the future gets the release."""
+        outcome: asyncio.Future[bytes] = self._loop.create_future()
+        self._arrivals.put((agent, generation, outcome))
+        return outcome
+
+    @staticmethod
+    def _drain(first: Any, pending: queue.SimpleQueue[Any]) -> list[Any]:
+        batch = [first]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                batch.append(pending.get_nowait())
+        return batch
+
+    def _arrive(self) -> None:
+        while True:
+            batch = self._drain(self._arrivals.get(), self._arrivals)
+            self._waits.put([(agent.arrive(generation), outcome) for agent, generation, outcome in batch])
+
+    def _wait(self) -> None:
+        while True:
+            batches = self._drain(self._waits.get(), self._waits)
+            # The first wait blocks until the release; the rest of the generation's find it there.
+            done = [(outcome, self._await(barrier)) for batch in batches for barrier, outcome in batch]
+            self._loop.call_soon_threadsafe(self._resolve, done)
+
+    def _await(self, barrier: store_barrier.GenerationBarrier) -> bytes:
+        try:
+            return barrier.await_release(self._deadline_s)
+        except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
+            return f"failed: {err}".encode()
+
+    @staticmethod
+    def _resolve(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
+        for outcome, released in done:
+            if not outcome.done():
+                outcome.set_result(released)
 
 
 class SimulatedAgent:
@@ -116,7 +171,7 @@ class SimulatedAgent:
             self._place(message.start)
             if self.args.store:
                 assert self._pools is not None
-                await asyncio.get_running_loop().run_in_executor(self._pools.arrivals, self._connect_store)
+                await asyncio.get_running_loop().run_in_executor(self._pools.connects, self._connect_store)
             self.rank_generation = self.generation
             emit("started", agent=self.index, node=self.node_rank, generation=self.generation)
             if self._summaries is None:
@@ -153,9 +208,9 @@ class SimulatedAgent:
         """The ranks' side of a recovery: the new generation's barrier, then report that generation."""
         if self.args.store:
             assert self._pools is not None
-            loop = asyncio.get_running_loop()
-            barrier = await loop.run_in_executor(self._pools.arrivals, self._arrive, generation)
-            await loop.run_in_executor(self._pools.waits, self._await_release, barrier)
+            if await self._pools.barrier(self, generation) != store_barrier.COMPLETE:
+                emit("barrier_not_complete", agent=self.index, generation=generation)
+                return
         if generation == self.generation:
             self.rank_generation = generation
             self.urgent.set()
@@ -166,7 +221,7 @@ class SimulatedAgent:
         accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
         self.store = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
 
-    def _arrive(self, generation: int) -> store_barrier.GenerationBarrier:
+    def arrive(self, generation: int) -> store_barrier.GenerationBarrier:
         """The node's arrival at the job-wide barrier, made once all of its simulated ranks arrived (at once: they
         are simulated). The local hop of real ranks to their agent is not simulated."""
         if self.store is None:
@@ -174,10 +229,6 @@ class SimulatedAgent:
         barrier = store_barrier.GenerationBarrier(*self.store, generation, self.nnodes)
         barrier.arrive()
         return barrier
-
-    def _await_release(self, barrier: store_barrier.GenerationBarrier) -> None:
-        if barrier.await_release(self.args.rendezvous_deadline_s) != store_barrier.COMPLETE:
-            raise RuntimeError(f"generation {barrier.generation} was superseded")
 
     async def _summarise(self) -> None:
         while True:
@@ -251,8 +302,7 @@ async def main() -> None:
         import torch.distributed  # noqa: F401 - imported now, as a worker has before any recovery, not mid-recovery
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # A blocking store wait per agent: every agent of this process needs its own thread while it waits.
-    pool = StorePools() if args.store else None
+    pool = StorePools(asyncio.get_running_loop(), args.rendezvous_deadline_s) if args.store else None
     connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
     agents = {i: SimulatedAgent(i, args, pool, connecting) for i in range(args.first, args.first + args.agents)}
     controller = asyncio.get_running_loop().create_task(control(agents))  # referenced: tasks are weakly held
