@@ -70,6 +70,8 @@ def _stat_cpu_seconds(stat: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+LOG_TAIL_LINES = 20
+"""On a failed measurement, how much of each process's log is printed before its work directory is removed."""
 STORE_THREAD = "pt_tcpstore_uv"
 """The name of the thread that runs torch's TCPStore server (libuv backend) in the coordinator's process."""
 
@@ -264,6 +266,11 @@ def measure(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  N={nodes} trial {trial} {how}: {trials[how][-1]}", file=sys.stderr, flush=True)
             return {"nodes": nodes, "ranks": nodes * args.nproc, "startup_s": startup_s, "cpu": cpu_share,
                     "rss_mb": memory, "trials": trials}
+        except Exception:
+            for log in sorted(Path(workdir).glob("*.log")):  # the work directory goes with this function
+                tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+                print(f"--- {log.name} (last {len(tail)} lines)", *tail, sep="\n", file=sys.stderr)
+            raise
         finally:
             job.close()
 

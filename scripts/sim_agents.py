@@ -92,7 +92,16 @@ class StorePools:
     def _arrive(self) -> None:
         while True:
             batch = self._drain(self._arrivals.get(), self._arrivals)
-            self._waits.put([(agent.arrive(generation), outcome) for agent, generation, outcome in batch])
+            arrived, failed = [], []
+            for agent, generation, outcome in batch:
+                try:
+                    arrived.append((agent.arrive(generation), outcome))
+                except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
+                    failed.append((outcome, f"failed: {err}".encode()))
+                    print(f"agent {agent.index}: arrival failed: {err}", file=sys.stderr, flush=True)
+            if failed:
+                self._loop.call_soon_threadsafe(self._resolve, failed)
+            self._waits.put(arrived)
 
     def _wait(self) -> None:
         while True:
@@ -105,6 +114,7 @@ class StorePools:
         try:
             return barrier.await_release(self._deadline_s)
         except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
+            print(f"generation {barrier.generation}: barrier wait failed: {err}", file=sys.stderr, flush=True)
             return f"failed: {err}".encode()
 
     @staticmethod
