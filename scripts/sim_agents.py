@@ -250,7 +250,9 @@ class SimulatedAgent:
                 urgent = False
             self.urgent.clear()
             if self.silent:
-                continue
+                # A frozen node: nothing leaves it from here on. (Looping on instead spun this process's event loop,
+                # the pacer being past due forever, and slowed every other agent it simulates.)
+                return
             now = time.monotonic()
             ages = {FAKE_PID_BASE + self.rank_offset + local: random.uniform(0, self.pacer.heartbeat_interval_s)
                     for local in range(self.args.nproc)}
