@@ -25,7 +25,8 @@ GROUPS_PER_GENERATION = 1_000_000
 """Room for the subgroups a script creates within one generation before names could repeat."""
 RELEASE_SLACK_S = 5.0
 """A rank waits this much longer than the barrier's deadline, so that the agent's own timeout (which says how many
-nodes came) reaches it first."""
+nodes came) normally reaches it first. The agent's deadline runs from the node's arrival, so a rank whose local
+peers came more than this late meets its own deadline first, with a plainer message."""
 
 
 class Superseded(Exception):

@@ -25,7 +25,7 @@ from flashrun.agent import store_barrier
 from flashrun.agent.node_barrier import COMPLETE, ERROR, SUPERSEDED, NodeBarrier, Release
 from flashrun.worker import group as group_module
 from flashrun.worker.abort import Aborter
-from flashrun.worker.group import Superseded, abandon_group, join_generation
+from flashrun.worker.group import abandon_group, join_generation
 from tests.helpers import free_port, wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
@@ -253,14 +253,6 @@ def agent(server: Any) -> Iterator[InProcessAgent]:
     made = InProcessAgent(server)
     yield made
     made.barrier.close()
-
-
-def test_a_rank_commanded_past_its_generation_does_not_wait(agent: InProcessAgent) -> None:
-    aborter = Aborter(5)
-    aborter.command(6)
-    with pytest.raises(Superseded):
-        group_module.await_peers(agent, 5, aborter, DEADLINE_S)
-    assert agent.releases.empty()
 
 
 def test_join_generation_forms_a_working_gloo_group(server: Any, agent: InProcessAgent) -> None:
