@@ -143,11 +143,28 @@ def run(**options: object) -> None:
 
     try:
         config = build_config(options, worker_base_env)
-        code = launch(config)
     except FlashrunError as err:
         click.echo(f"flashrun: error: {err}", err=True)
         sys.exit(err.exit_code)
-    sys.exit(code)
+    try:
+        code = launch(config)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        code = err.exit_code
+    _leave(code)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit a process that ran an agent or a coordinator without the interpreter's finalization.
+
+    Their store threads sit in blocking TCPStore gets (the agent's watch for the next generation's notice waits all
+    job long). If the store server goes away while the interpreter finalizes (the job's store ends as the job does),
+    such a thread is woken into a finalizing interpreter and the whole process aborts (std::terminate, exit 134).
+    Everything that needs an orderly end (workers, sockets, files) was closed before this.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _prepare_launcher_process() -> None:
@@ -156,6 +173,9 @@ def _prepare_launcher_process() -> None:
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
     # gRPC's C core logs expected conditions (a taken port we then join as a client) as errors.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # The agent's and coordinator's store clients sit in blocking gets (agent/node_barrier.py); torch logs a warning
+    # for each one whose server closes the connection, as the job's store does at the end of every job.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # The coordinator's TCPStore imports torch, which warns when numpy is absent; it needs no numpy.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
@@ -299,11 +319,15 @@ def coordinator(**options: object) -> None:
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)
-        code = serve_coordinator(spec, bind, store_host, log_dir)
     except FlashrunError as err:
         click.echo(f"flashrun: error: {err}", err=True)
         sys.exit(err.exit_code)
-    sys.exit(code)
+    try:
+        code = serve_coordinator(spec, bind, store_host, log_dir)
+    except FlashrunError as err:
+        click.echo(f"flashrun: error: {err}", err=True)
+        code = err.exit_code
+    _leave(code)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,6 +23,7 @@ import grpc
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent import generation_notice
 from flashrun.agent.beats import HeartbeatBoard
 from flashrun.agent.node_barrier import NodeBarrier, Release
 from flashrun.agent.output import OutputPolicy, attempt_dir
@@ -53,6 +54,11 @@ class _CoordinatorLost:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Notice:
+    notice: pb.GenerationNotice
+
+
+@dataclasses.dataclass(frozen=True)
 class _Signal:
     signum: int
 
@@ -76,7 +82,10 @@ class Agent:
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers: WorkerGroup | None = None
         self._board: HeartbeatBoard | None = None
-        self._barrier = NodeBarrier(config.nproc_per_node, self._relay_release)
+        self._barrier = NodeBarrier(config.nproc_per_node, self._relay_release,
+                                    on_notice=lambda notice: self._events.put(_Notice(notice)))
+        self._placement: pb.StartWorkers | None = None
+        """Where this node is in the job (from StartWorkers or Recover): what a notice leaves out."""
         self._pacer = SummaryPacer()
         self._summary_now = threading.Event()
         self._zygote: Zygote | None = None
@@ -184,6 +193,8 @@ class Agent:
                 return EXIT_SIGNAL_BASE + event.signum
             if isinstance(event, ExitReport):
                 self._report_exit(event)
+            elif isinstance(event, _Notice):
+                self._on_notice(event.notice)
             elif isinstance(event, _CoordinatorLost):
                 self._stop_workers(signal.SIGTERM)
                 raise FlashrunError(f"lost the coordinator at {self._endpoint} ({event.detail}); workers stopped",
@@ -222,6 +233,7 @@ class Agent:
         config = self._config
         assert self._board is not None
         self._pacer.configure(start.detection)
+        self._placement = start
         self._place_barrier(start)
         group = WorkerGroup(start.generation, self._events.put)
         for local_rank in range(config.nproc_per_node):
@@ -295,10 +307,28 @@ class Agent:
         say(detail)
         self._outbox.put(pb.AgentMessage(note=pb.AgentNote(event=event, detail=detail)))
 
-    def _recover(self, recover: pb.Recover) -> None:
+    def _on_notice(self, notice: pb.GenerationNotice) -> None:
+        """A new generation published on the store: act on it as on a Recover (unless a Recover came first), then
+        acknowledge it there. No summary goes at once: thousands of them would be the coordinator's load."""
+        placement = self._placement
+        respawn = None if placement is None else generation_notice.respawn_for(notice, placement.node_rank)
+        if placement is None or respawn is None or self._workers is None:
+            return  # a direct node: told by a Recover, or replaced (a spare has its node rank now)
+        if notice.generation > self._workers.generation:
+            moved = pb.StartWorkers()
+            moved.CopyFrom(placement)
+            moved.generation = notice.generation
+            self._recover(pb.Recover(generation=notice.generation, respawn_local_ranks=respawn, placement=moved),
+                          urgent=False)
+        self._barrier.acknowledge(notice.generation, notice.acks_expected)
+
+    def _recover(self, recover: pb.Recover, urgent: bool = True) -> None:
         """In place: replace the faulty local workers, move the healthy ones to the new generation."""
         assert self._board is not None
+        if self._workers is not None and recover.generation <= self._workers.generation:
+            return  # the same generation's notice came first
         placement = recover.placement
+        self._placement = placement
         self._pacer.configure(placement.detection)
         self._place_barrier(placement)
         if self._workers is None:  # a spare taking over a lost node: every local rank is a replacement
@@ -314,7 +344,8 @@ class Agent:
                 self._board.forget(self._workers.retire([local_rank], self._config.timeouts.kill_wait_s))
         for local_rank in sorted(respawn):
             self._spawn(self._workers, placement, local_rank, replacement=True)
-        self._summary_now.set()
+        if urgent:
+            self._summary_now.set()
 
     def _inject(self, inject: pb.InjectFault) -> None:
         """A fault drill (`flashrun inject`): signal the worker now, hand it to the worker's step loop, or lose the
@@ -358,6 +389,7 @@ class Agent:
                 continue
             now = time.monotonic()
             summary = board.summary(workers.generation, workers.pids_by_local_rank, now)
+            summary.watching = self._barrier.watching
             if self._pacer.should_send(now, urgent, {r.pid: r.heartbeat_age_s for r in summary.ranks}):
                 self._outbox.put(pb.AgentMessage(summary=summary))
 

@@ -11,18 +11,22 @@ outcome, whatever happens locally (a newer generation only releases the store ba
 if it comes first). A node that had not decided to arrive never will, and answers its ranks "superseded" itself:
 without its arrival the barrier cannot complete anywhere.
 
-`NodeArrivals` decides (pure); `NodeBarrier` carries the decisions out on the store, on two threads of its own.
+`NodeArrivals` decides (pure); `NodeBarrier` carries the decisions out on the store, on two threads of its own. A
+third thread, on a third connection, watches the store for the next generation's notice (agent/generation_notice.py)
+and acknowledges the notices the agent acted on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flashrun.agent import store_barrier
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun.agent import generation_notice, store_barrier
 from flashrun.config import GENERATION_BARRIER_S
 
 COMPLETE = store_barrier.COMPLETE.decode()
@@ -33,6 +37,9 @@ OUTCOMES_KEPT = 8
 """Resolved generations whose outcome is kept for a worker that asks again (only the latest ever are)."""
 STORE_CONNECT_TIMEOUT_S = 60.0
 """How long the agent's store connections wait for the coordinator's store server (and for each operation)."""
+NOTICE_WAIT_S = 3600.0
+"""A watch's blocking get for the next notice is renewed this often: a timed-out get logs warnings and costs reverse
+DNS lookups (store_barrier.py), so not often; nothing is missed meanwhile, the key stays."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +126,15 @@ class NodeBarrier:
     worker attaches (`prepare`), so an agent whose workers do not use flashrun's library never imports it."""
 
     def __init__(self, local_world_size: int, send: Callable[[Release], None],
-                 deadline_s: float = GENERATION_BARRIER_S) -> None:
+                 deadline_s: float = GENERATION_BARRIER_S,
+                 on_notice: Callable[[pb.GenerationNotice], None] | None = None) -> None:
+        """`on_notice`: called (on the watch's thread) with each new generation's notice; without it, no watch."""
         self._state = NodeArrivals(local_world_size)
+        self._on_notice = on_notice
+        self._generation = -1
+        self._watch_id = 0
+        """Which watch is current: a store move starts a new one, and the old one's notices are dropped."""
+        self._watching = False
         self._send = send
         self._deadline_s = deadline_s
         self._lock = threading.Lock()
@@ -137,6 +151,7 @@ class NodeBarrier:
         many nodes arrive, and the generation the node is in now. Older barriers are superseded on the old store."""
         with self._lock:
             decision = self._state.supersede_below(generation)
+            self._generation = max(self._generation, generation)
             self._nodes = nodes
             moved = (host, port) != self._store_at
             self._store_at = (host, port)
@@ -159,7 +174,19 @@ class NodeBarrier:
             decision = self._state.arrive(local_rank, pid, generation, current)
         self._carry_out(decision)
 
+    @property
+    def watching(self) -> bool:
+        """A watch waits on the current store for the next generation's notice."""
+        return self._watching
+
+    def acknowledge(self, generation: int, expected: int) -> None:
+        """The agent acted on `generation`'s notice."""
+        self._ops.put(("acknowledge", (generation, expected)))
+
     def close(self) -> None:
+        with self._lock:
+            self._watch_id += 1
+            self._watching = False
         self._ops.put(None)
         self._waits.put(None)
 
@@ -178,16 +205,55 @@ class NodeBarrier:
 
     def _connect(self, host: str, port: int) -> None:
         self._connections, self._broken = None, ""
+        with self._lock:
+            self._watch_id += 1
+            watch_id = self._watch_id
+            self._watching = False
         try:
             self._connections = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - any failure to connect ends the same way
             self._broken = f"the agent cannot reach the job's store at {host}:{port}: {err}"
+            return
+        if self._on_notice is not None:
+            threading.Thread(target=self._watch, args=(watch_id, host, port), name="flashrun-notice-watch",
+                             daemon=True).start()
+
+    def _watch(self, watch_id: int, host: str, port: int) -> None:
+        """Wait for each next generation's notice and hand it to the agent. A store move (full restart) leaves this
+        thread blocked on the old store until that store goes away; its notices are not delivered."""
+        assert self._on_notice is not None
+        try:
+            connection = generation_notice.connect_one(host, port, STORE_CONNECT_TIMEOUT_S)
+            with self._lock:
+                if watch_id != self._watch_id:
+                    return
+                self._watching = True
+                generation = self._generation + 1
+            while True:
+                notice = generation_notice.await_notice(connection, generation, NOTICE_WAIT_S)
+                with self._lock:
+                    if watch_id != self._watch_id:
+                        return
+                    current = self._generation
+                if notice is not None:
+                    self._on_notice(notice)
+                    generation = notice.generation + 1
+                generation = max(generation, current + 1)  # the agent may have been told directly meanwhile
+        except Exception:  # noqa: BLE001 - no watch: the agent says so in its summaries and gets Recover messages
+            with self._lock:
+                if watch_id == self._watch_id:
+                    self._watching = False
 
     def _run_ops(self) -> None:
         while (op := self._ops.get()) is not None:
             action, argument = op
             if action == "connect":
                 self._connect(*argument)
+                continue
+            if action == "acknowledge":
+                if self._connections is not None:
+                    with contextlib.suppress(Exception):  # unacknowledged, the coordinator sends a Recover instead
+                        generation_notice.acknowledge(self._connections[0], *argument)
                 continue
             generation = argument
             if self._connections is None:

@@ -16,8 +16,10 @@ def join_message(run_id: str, token: str, node_rank: int | None, hostname: str, 
     ))
 
 
-def summary_message(generation: int, ranks: list[pb.RankProgress]) -> pb.AgentMessage:
-    return pb.AgentMessage(summary=pb.NodeSummary(generation=generation, ranks=ranks))
+def summary_message(generation: int, ranks: list[pb.RankProgress], watching: bool = False) -> pb.AgentMessage:
+    """`watching`: the agent waits on the job's store for the next generation's notice (agent/generation_notice.py),
+    so the coordinator may publish the next recovery there instead of sending this agent a Recover."""
+    return pb.AgentMessage(summary=pb.NodeSummary(generation=generation, ranks=ranks, watching=watching))
 
 
 def stopped_message(generation: int) -> pb.AgentMessage:

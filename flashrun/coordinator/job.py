@@ -36,6 +36,8 @@ STATE_SEVERITY = {
     "recovering": 3, "straggler": 4, "ready": 5, "rendezvous": 6, "running": 6, "succeeded": 7,
 }
 """How bad a rank's state is: a node shows its worst rank's."""
+NODES_LISTED = 20
+"""Node ranks an event lists at most (the count is always given)."""
 
 
 class Phase(enum.Enum):
@@ -60,6 +62,10 @@ class JobSpec:
     """In-place recoveries allowed before the job fails (full restarts count against max_restarts)."""
     recovery_deadline_s: float = 30.0
     """A rank that has not reached the new generation this long after a recovery began is replaced."""
+    notice_fallback_s: float = 5.0
+    """A recovery's notice on the store (agent/generation_notice.py) not acknowledged by every agent this long after
+    it was published: the agents not yet seen in the new generation are sent a Recover message as well. Longer than
+    two summary intervals at 4,096 nodes (2.4 s each), so that most agents have been seen by then."""
     allow_inject: bool = False
     """`flashrun inject` may inject faults (--allow-inject): without it no one can kill this job's workers."""
 
@@ -140,6 +146,18 @@ class Recover:
 
 
 @dataclasses.dataclass(frozen=True)
+class Publish:
+    """Publish a new in-place generation on the job's store, for every agent that watches it."""
+
+    generation: int
+    respawn: dict[int, tuple[int, ...]]
+    """node rank -> local ranks to replace (only the nodes with any)."""
+    direct_nodes: tuple[int, ...]
+    """Nodes told by a Recover message instead (or lost): they ignore the notice."""
+    acks_expected: int
+
+
+@dataclasses.dataclass(frozen=True)
 class InjectRequest:
     """`flashrun inject`: `fault` on global `rank`, or on node `node` (kill-node), when `at_step` is about to run."""
 
@@ -174,7 +192,7 @@ class InjectRefused:
     reason: str
 
 
-Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown | Recover | Inject | InjectRefused
+Command = Reject | Wait | MakeSpare | StartGeneration | Stop | Shutdown | Recover | Publish | Inject | InjectRefused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,9 +283,19 @@ class Job:
         self._replacements: dict[int, int] = {}
         self._world_size = 0
         self._world_size_of: dict[str, NodeAssignment] | None = None
-        self._unacknowledged: set[str] = set()
-        """Agents that have not yet sent a summary of the generation a recovery moved them to."""
         """How often each rank's process was replaced by an in-place recovery."""
+        self._unacknowledged: set[str] = set()
+        """Agents that have not yet acknowledged the generation a recovery moved them to."""
+        self._watching: set[str] = set()
+        """Agents that said (in their last summary) that they wait on the store for the next generation's notice."""
+        self._noticed: set[str] = set()
+        """The agents the current recovery told through its notice only (they acknowledge it on the store)."""
+        self._notice_fallback_at: float | None = None
+        self._respawn: dict[str, tuple[int, ...]] = {}
+        """The current recovery's local ranks to replace, by agent (for a Recover sent after the notice)."""
+        self._rendezvous_pending: float | None = None
+        """When the failure the current generation recovers from was detected, until its barrier was released (the
+        coordinator may hear of the release after the ranks' reports, so this outlives the RECOVERING phase)."""
 
     @property
     def world_size(self) -> int:
@@ -311,6 +339,7 @@ class Job:
 
     def disconnect(self, agent_id: str, now: float) -> Output:
         out = Output()
+        self._watching.discard(agent_id)
         if agent_id in self.spares:
             del self.spares[agent_id]
             return out
@@ -378,10 +407,18 @@ class Job:
         node = assignment.node_rank if assignment else None
         return Output(events=[Event(event, self.generation, {"node": node, "detail": detail})])
 
-    def node_summary(self, agent_id: str, generation: int, reports: list[RankReport], now: float) -> Output:
-        """A node's per-interval summary; `reports` carry local ranks, translated here to global ranks."""
+    def node_summary(self, agent_id: str, generation: int, reports: list[RankReport], now: float,
+                     watching: bool = False) -> Output:
+        """A node's per-interval summary; `reports` carry local ranks, translated here to global ranks. `watching`:
+        the agent waits on the store for the next generation's notice."""
         assignment = self.assignments.get(agent_id)
-        if assignment is None or generation != self.generation or self.detector is None:
+        if assignment is None:
+            return Output()
+        if watching:
+            self._watching.add(agent_id)
+        else:
+            self._watching.discard(agent_id)
+        if generation != self.generation or self.detector is None:
             return Output()
         # O(ranks of this node): a job of thousands of nodes sends thousands of these per second.
         offset = assignment.rank_offset
@@ -390,11 +427,7 @@ class Job:
             self._pids[offset + report.local_rank] = report.pid
         out = Output()
         if self.phase is Phase.RECOVERING and self._unacknowledged:
-            self._unacknowledged.discard(agent_id)
-            if not self._unacknowledged and self._recovery_began is not None:
-                # Every agent acted on the Recover: the control plane's own share of the recovery is over.
-                out.events.append(Event("recovery_phase", self.generation, {
-                    "phase": "acknowledged", "since_detection_s": round(now - self._recovery_began, 4)}))
+            self._acknowledged(out, now, (agent_id,))
         if self.phase is Phase.RUNNING and not self._recoverable_job and self.detector.all_recoverable:
             self._recoverable_job = True
             out.events.append(Event("recoverable", self.generation, {}))
@@ -406,6 +439,31 @@ class Job:
             out.events.append(Event("recovery_phase", self.generation, {
                 "phase": "first_step", "step": step, "since_detection_s": round(now - detected_at, 4)}))
         return out
+
+    def notice_acknowledged(self, generation: int, now: float) -> Output:
+        """Every agent told by `generation`'s notice acknowledged it on the store."""
+        out = Output()
+        if self.phase is Phase.RECOVERING and generation == self.generation and self._unacknowledged:
+            self._acknowledged(out, now, self._noticed)
+        return out
+
+    def barrier_released(self, generation: int, outcome: str, now: float) -> Output:
+        """`generation`'s barrier on the store was released: with "complete", every rank's new-generation store
+        rendezvous is done (each node arrived once all its ranks had left the old group)."""
+        out = Output()
+        if generation == self.generation and outcome == "complete" and self._rendezvous_pending is not None:
+            out.events.append(Event("recovery_phase", self.generation, {
+                "phase": "rendezvous", "since_detection_s": round(now - self._rendezvous_pending, 4)}))
+            self._rendezvous_pending = None
+        return out
+
+    def _acknowledged(self, out: Output, now: float, agents: Iterable[str]) -> None:
+        self._unacknowledged.difference_update(agents)
+        if not self._unacknowledged and self._recovery_began is not None:
+            # Every agent acted on the new generation: the control plane's own share of the recovery is over.
+            self._notice_fallback_at = None
+            out.events.append(Event("recovery_phase", self.generation, {
+                "phase": "acknowledged", "since_detection_s": round(now - self._recovery_began, 4)}))
 
     def workers_stopped(self, agent_id: str, generation: int, now: float) -> Output:
         out = Output()
@@ -446,6 +504,9 @@ class Job:
                 ranks.update(failure.ranks)
             if detected:
                 self._handle_failure(out, now, ranks, self.failures[-1])
+            elif self.phase is Phase.RECOVERING and self._notice_fallback_at is not None \
+                    and now >= self._notice_fallback_at:
+                self._fall_back_from_notice(out)
             elif self.phase is Phase.RECOVERING and self._recovery_deadline is not None \
                     and now >= self._recovery_deadline:
                 reports = self.detector.reports()
@@ -618,6 +679,8 @@ class Job:
 
     def _begin_recovery(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
         """Replace `ranks` and move every healthy rank to a new generation, keeping its process."""
+        spares_placed: set[str] = set()
+        lost_nodes = set(self._lost_nodes)
         for node_rank in sorted(self._lost_nodes):
             lost = next((a for a, asg in self.assignments.items() if asg.node_rank == node_rank), None)
             if lost is None:
@@ -631,7 +694,9 @@ class Job:
                 return
             self.members[spare] = self.spares.pop(spare)
             self.assignments[spare] = self.assignments.pop(lost)
+            spares_placed.add(spare)
             del self.members[lost]
+            self._watching.discard(lost)
             out.commands.append(Shutdown(lost, EXIT_JOB_FAILED, f"node {node_rank} was replaced by a spare"))
             out.events.append(Event("spare_takes_over", self.generation + 1, {
                 "node": node_rank, "host": self.members[spare].hostname, "lost_host": host}))
@@ -664,9 +729,34 @@ class Job:
         for rank in sorted(ranks):
             offset, agent_id = by_offset[bisect.bisect_right(offsets, rank) - 1]
             respawn.setdefault(agent_id, []).append(rank - offset)
-        for agent_id, a in self.assignments.items():
-            out.commands.append(Recover(agent_id, self.generation, tuple(respawn.get(agent_id, ())), a, world_size,
-                                        nnodes))
+        # The agents that watch the store learn the generation from one notice there (agent/generation_notice.py);
+        # a spare taking over needs its placement, and an agent not known to watch needs a message.
+        direct = {a for a in self.assignments if a not in self._watching or a in spares_placed}
+        self._noticed = set(self.assignments) - direct
+        self._notice_fallback_at = now + self.spec.notice_fallback_s if self._noticed else None
+        self._rendezvous_pending = self._recovery_began
+        direct_nodes = {self.assignments[a].node_rank for a in direct} | lost_nodes
+        out.commands.append(Publish(
+            self.generation, {self.assignments[a].node_rank: tuple(r) for a, r in respawn.items()},
+            tuple(sorted(direct_nodes)), len(self._noticed)))
+        for agent_id in sorted(direct):
+            out.commands.append(Recover(agent_id, self.generation, tuple(respawn.get(agent_id, ())),
+                                        self.assignments[agent_id], world_size, nnodes))
+        self._respawn = {agent_id: tuple(ranks) for agent_id, ranks in respawn.items()}
+
+    def _fall_back_from_notice(self, out: Output) -> None:
+        """The notice was not acknowledged by all in time: tell the agents not yet seen in the generation directly
+        (an agent that acted on the notice already ignores the duplicate)."""
+        self._notice_fallback_at = None
+        late = sorted(self._unacknowledged & self._noticed)
+        if not late:
+            return
+        out.events.append(Event("notice_fallback", self.generation, {
+            "agents": len(late), "nodes": sorted(self.assignments[a].node_rank for a in late)[:NODES_LISTED]}))
+        world_size, nnodes = self.world_size, len(self.assignments)
+        for agent_id in late:
+            out.commands.append(Recover(agent_id, self.generation, self._respawn.get(agent_id, ()),
+                                        self.assignments[agent_id], world_size, nnodes))
 
     def _complete_recovery(self, out: Output, now: float, reports: dict[int, RankReport]) -> None:
         assert self._recovery_began is not None
@@ -786,6 +876,7 @@ class Job:
             "run_id": self.spec.run_id, "phase": self.phase.value, "generation": self.generation,
             "restarts": self.restarts, "recoveries": self.recoveries, "world_size": self.world_size,
             "nnodes": len(self.assignments), "spares": len(self.spares),
+            "watching_nodes": len(self._watching.intersection(self.assignments)),
             "job_step": self.detector.job_step if self.detector else -1,
             "steps_per_s": round(self.detector.job_steps_per_s, 3) if self.detector else 0.0,
             "nodes": nodes, "ranks": ranks, "ranks_complete": complete,

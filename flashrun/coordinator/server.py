@@ -5,7 +5,9 @@ of nodes fit in one process, and a Recover or Shutdown reaches every agent throu
 touched under a lock because `status()` and `abort()` are also called from the launcher's threads.
 
 It also hosts the TCPStore the workers rendezvous on (MASTER_ADDR:MASTER_PORT). Workers under torchrun's agent
-store do not prefix their keys by attempt, so every generation gets a fresh store.
+store do not prefix their keys by attempt, so every generation gets a fresh store. An in-place recovery keeps the
+store and is published there once for the agents that watch it (agent/generation_notice.py); `RecoveryWatch` tells
+the job when they acknowledged it and when the new generation's barrier was released.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import grpc
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent import generation_notice
 from flashrun.agent.agent import local_agent_id
 from flashrun.config import Endpoint
 from flashrun.coordinator import job as jobs
 from flashrun.coordinator.detector import RankReport
+from flashrun.coordinator.recovery_watch import RecoveryWatch
 from flashrun.errors import FlashrunError
 
 TICK_INTERVAL_S = 0.05
@@ -90,6 +94,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._server: grpc.aio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._collector_paused = False
+        self._watch: RecoveryWatch | None = None
         self.port = 0
 
     # Lifecycle ----------------------------------------------------------------------------------------------
@@ -103,6 +108,9 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             raise FlashrunError(f"cannot host the workers' TCPStore on port {self._first_store_port}: {err}; "
                                 "choose another --master-port") from None
         gc.set_threshold(*GC_THRESHOLDS)
+        self._watch = RecoveryWatch(self._store_host, self._job.spec.recovery_deadline_s, self._notice_acknowledged,
+                                    self._barrier_released)
+        self._watch.use_store(self._next_store.port)
         loop = asyncio.new_event_loop()
         started: futures.Future[int] = futures.Future()
         self._thread = threading.Thread(target=self._serve, args=(loop, started), name="flashrun-coordinator",
@@ -176,6 +184,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         if self._thread is not None:
             self._thread.join(START_TIMEOUT_S)
         self._loop = None
+        if self._watch is not None:
+            self._watch.close()
         self._stores.clear()
         if self._collector_paused:
             self._resume_collector()  # the process may go on (tests, an embedding program)
@@ -290,7 +300,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                            _recovery_fields(r.recovery) if r.HasField("recovery") else None, r.finished)
                 for r in summary.ranks
             ]
-            return self._job.node_summary(agent_id, summary.generation, reports, now)
+            return self._job.node_summary(agent_id, summary.generation, reports, now, summary.watching)
         if kind == "worker_exited":
             exited = message.worker_exited
             return self._job.worker_exited(agent_id, jobs.WorkerExit(
@@ -333,6 +343,12 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 return pb.InjectReply(detail=command.detail)
         raise AssertionError("Job.inject answers with an Inject or an InjectRefused")
 
+    def _notice_acknowledged(self, generation: int, now: float) -> None:
+        self._call_in_loop(lambda: self._apply(self._job.notice_acknowledged(generation, now)))
+
+    def _barrier_released(self, generation: int, outcome: str, now: float) -> None:
+        self._call_in_loop(lambda: self._apply(self._job.barrier_released(generation, outcome, now)))
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_INTERVAL_S)
@@ -346,10 +362,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def _apply(self, output: jobs.Output) -> None:
         """Carry out the job's commands; called with the lock held so their order is the job's order."""
         for event in output.events:
-            self._recent.append(event.record(time.time()))
-            self._on_event(event)
-            if event.name in ("job_succeeded", "job_failed") and self._on_finished is not None:
-                self._on_finished()
+            self._emit(event)
         settle = False
         for command in output.commands:
             if isinstance(command, jobs.StartGeneration):
@@ -373,6 +386,9 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                     placement=self._placement(command.generation, a.node_rank, a.rank_offset, command.world_size,
                                               command.nnodes, self._stores[-1].port),
                 )))
+            elif isinstance(command, jobs.Publish):
+                settle = True
+                self._publish(command)
             elif isinstance(command, jobs.Shutdown):
                 self._send(command.agent_id, pb.CoordinatorMessage(
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
@@ -385,6 +401,28 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         if settle:
             _settle_heap()  # the new generation's detector is built: it lives until the next failure
             self._pause_collector()
+
+    def _emit(self, event: jobs.Event) -> None:
+        self._recent.append(event.record(time.time()))
+        self._on_event(event)
+        if event.name in ("job_succeeded", "job_failed") and self._on_finished is not None:
+            self._on_finished()
+
+    def _publish(self, command: jobs.Publish) -> None:
+        """One store operation for every watching agent, whatever their number; the rest got a Recover message."""
+        store = self._stores[-1]
+        notice = pb.GenerationNotice(
+            generation=command.generation, direct_nodes=command.direct_nodes, acks_expected=command.acks_expected,
+            respawn=[pb.NodeRespawn(node_rank=node, local_ranks=ranks)
+                     for node, ranks in sorted(command.respawn.items())],
+        )
+        try:
+            generation_notice.publish(store, notice)
+        except Exception as err:  # noqa: BLE001 - the job falls back to Recover messages (JobSpec.notice_fallback_s)
+            self._emit(jobs.Event("notice_failed", command.generation, {"detail": str(err)}))
+            return
+        if self._watch is not None:
+            self._watch.follow(store.port, command.generation, command.acks_expected > 0)
 
     def _pause_collector(self) -> None:
         """No cyclic collection while a recovery is under way (see GC_THRESHOLDS); reference counting goes on."""
@@ -405,6 +443,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 self._apply(self._job.abort(f"cannot host the workers' TCPStore: {err}"))
                 return
         self._stores.append(store)  # the previous generation's store stays until this one is in use
+        if self._watch is not None:
+            self._watch.use_store(store.port)
         for agent_id, a in command.assignments.items():
             self._send(agent_id, pb.CoordinatorMessage(start=self._placement(
                 command.generation, a.node_rank, a.rank_offset, command.world_size, command.nnodes, store.port)))

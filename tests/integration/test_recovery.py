@@ -58,9 +58,9 @@ def reached(run: Launch, step: int) -> bool:
 
 def status(launcher: Launcher, run: Launch, logs: Path) -> dict:
     line = next(line for line in run.output.splitlines() if "flashrun status --rdzv-endpoint" in line)
-    endpoint = re.search(r"--rdzv-endpoint (\S+)", line).group(1)  # type: ignore[union-attr]
-    query = launcher.flashrun("status", "--rdzv-endpoint", endpoint, "--token-file", str(logs / "token"), "--json",
-                              name="status")
+    endpoint = re.search(r"--rdzv-endpoint ([^\s)]+)", line).group(1)  # type: ignore[union-attr]
+    token = ["--token-file", str(logs / "token")] if (logs / "token").exists() else []  # none: a job without a token
+    query = launcher.flashrun("status", "--rdzv-endpoint", endpoint, *token, "--json", name="status")
     assert query.wait(30) == 0, query.output
     return json.loads(query.output)
 
@@ -201,7 +201,8 @@ def workers_by_rank(launcher: Launcher) -> dict[int, int]:
 
 def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
                                                           reference: dict) -> None:
-    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery."""
+    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery; the recovery
+    reaches both agents through one notice on the store, which each acknowledges there."""
     logs, out = tmp_path / "logs", tmp_path / "out.pt"
     endpoint = f"127.0.0.1:{free_port()}"
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
@@ -210,6 +211,7 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
     node1 = launcher.flashrun(*common, "--node-rank", "1", *train_args(out), name="node1")
     wait_for(lambda: reached(node0, 10), 120, "step 10")
     wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
+    wait_for(lambda: status(launcher, node0, logs)["watching_nodes"] == 2, 60, "both agents to watch the store")
     before = workers_by_rank(launcher)
     env = environ(before[0])
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
@@ -219,6 +221,11 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
     generation = named(logs, "recovered")[0]["generation"]
     assert [int(store.add(f"flashrun/g{g}/arrived", 0)) for g in (0, generation)] == [2, 2]
     assert [store.get(f"flashrun/g{g}/released") for g in (0, generation)] == [b"complete", b"complete"]
+    assert (int(store.add(f"flashrun/g{generation}/acked", 0)), store.get(f"flashrun/g{generation}/all_acked")) \
+        == (2, b"acked")
+    phases = [e["phase"] for e in named(logs, "recovery_phase") if e["generation"] == generation]
+    assert {"acknowledged", "rendezvous"} <= set(phases)
+    assert named(logs, "notice_fallback") == []
     del store
     finish(launcher, node0, logs)
     assert node1.wait(60) == 0, node1.output

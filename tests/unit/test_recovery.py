@@ -17,6 +17,7 @@ from flashrun.coordinator.job import (
     Job,
     Output,
     Phase,
+    Publish,
     Recover,
     Shutdown,
     Stop,
@@ -51,11 +52,13 @@ def summaries(
     node_generation: int | None = None,
     agents: set[str] | None = None,
     ranks: dict[int, dict[str, Any]] | None = None,
+    watching: bool = False,
 ) -> Output:
     """A node summary from every member agent (or `agents`) at `now`; the outputs are merged.
 
     Each rank reports `step`, `generation` (default: the job's) and pid_of(rank); `ranks` overrides RankReport
-    fields per global rank. `node_generation` is the summary's own generation (default: the job's).
+    fields per global rank. `node_generation` is the summary's own generation (default: the job's). `watching`:
+    the agents wait on the store for the next generation's notice.
     """
     merged = Output()
     for agent_id, assignment in sorted(job.assignments.items(), key=lambda item: item[1].node_rank):
@@ -72,7 +75,7 @@ def summaries(
             # rank and node_rank are the agent's to leave unset: the job translates local ranks itself.
             reports.append(RankReport(rank=-1, node_rank=-1, local_rank=local_rank, **fields))
         out = job.node_summary(agent_id, job.generation if node_generation is None else node_generation, reports,
-                               now)
+                               now, watching)
         merged.commands.extend(out.commands)
         merged.events.extend(out.events)
     return merged
@@ -193,11 +196,12 @@ def test_crash_in_a_recoverable_job_starts_an_in_place_recovery() -> None:
 
 
 def test_recovery_sends_one_recover_per_member_respawning_only_the_crashed_rank() -> None:
-    job = recoverable_job()
+    job = recoverable_job()  # no agent said it watches the store: each is told directly
 
     out = exit_of(job, 3, now=CRASH_AT)
 
     assert out.commands == [
+        Publish(generation=1, respawn={1: (1,)}, direct_nodes=(0, 1), acks_expected=0),
         Recover("a0", generation=1, respawn_local_ranks=(), assignment=NodeAssignment(0, 0, 2), world_size=4,
                 nnodes=2),
         Recover("a1", generation=1, respawn_local_ranks=(1,), assignment=NodeAssignment(1, 2, 2), world_size=4,

@@ -1,0 +1,81 @@
+"""A new in-place generation, published once on the job's TCPStore instead of sent to every agent.
+
+The coordinator's own work per recovery must not grow with the nodes. A Recover message per agent costs it a gRPC
+write in Python each (100-300 µs), and an acknowledgement per agent a read: seconds at thousands of nodes. Every agent
+of a recoverable job already holds connections to the job's store (for the generation barrier), and the store server
+pushes a key to everyone blocked on it from C++. So:
+
+- notice:    the coordinator sets `flashrun/g{G}/notice` to a serialized `GenerationNotice` (one operation). Each
+             watching agent holds a blocking get on the next generation's notice on a connection of its own.
+- acked:     each agent told by the notice adds 1 once it acted on it; the one whose add returns
+             `notice.acks_expected` sets `all_acked`, which the coordinator waits on (one operation for it).
+- direct:    the nodes in `notice.direct_nodes` ignore the notice: a spare taking over a lost node, an agent the
+             coordinator does not know to be watching (told by a Recover message), or a lost node's old agent.
+
+Publishing G also releases generation G-1's barrier and acknowledgement as superseded (the first release wins, so a
+barrier that completed stays complete): whoever still waits on them moves on at once.
+
+Imports torch.distributed only when a store connection is opened, so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from flashrun._proto import flashrun_pb2 as pb
+from flashrun.agent.store_barrier import SUPERSEDED, barrier_key
+
+ALL_ACKED = b"acked"
+"""The value of `all_acked` once every agent the notice expects acknowledged it."""
+
+
+def notice_key(generation: int) -> str:
+    return barrier_key(generation, "notice")
+
+
+def publish(store: Any, notice: pb.GenerationNotice) -> None:
+    """The coordinator's side: supersede the previous generation's waits, then publish `notice`."""
+    previous = notice.generation - 1
+    store.compare_set(barrier_key(previous, "released"), b"", SUPERSEDED)
+    store.compare_set(barrier_key(previous, "all_acked"), b"", SUPERSEDED)
+    store.set(notice_key(notice.generation), notice.SerializeToString())
+
+
+def acknowledge(store: Any, generation: int, expected: int) -> None:
+    """An agent acted on generation `generation`'s notice; the last of the `expected` ones tells the coordinator."""
+    if int(store.add(barrier_key(generation, "acked"), 1)) == expected:
+        store.compare_set(barrier_key(generation, "all_acked"), b"", ALL_ACKED)
+
+
+def await_value(waiter: Any, key: str, timeout_s: float) -> bytes | None:
+    """A blocking get of `key` on `waiter` (a connection of its own: the get holds it); None after `timeout_s`."""
+    import torch.distributed as dist
+
+    waiter.set_timeout(datetime.timedelta(seconds=max(timeout_s, 0.001)))
+    try:
+        return bytes(waiter.get(key))
+    except dist.DistStoreError as err:
+        if "timeout" not in str(err).lower():
+            raise
+    return None
+
+
+def await_notice(waiter: Any, generation: int, timeout_s: float) -> pb.GenerationNotice | None:
+    value = await_value(waiter, notice_key(generation), timeout_s)
+    return None if value is None else pb.GenerationNotice.FromString(value)
+
+
+def respawn_for(notice: pb.GenerationNotice, node_rank: int) -> list[int] | None:
+    """The local ranks `node_rank` must replace ([] for none); None when the node ignores the notice (direct)."""
+    if node_rank in notice.direct_nodes:
+        return None
+    return next((list(r.local_ranks) for r in notice.respawn if r.node_rank == node_rank), [])
+
+
+def connect_one(host: str, port: int, timeout_s: float) -> Any:
+    """One more client connection to the job's store (the watcher's own)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
