@@ -7,8 +7,15 @@ agent per trial, and measures:
 - node-loss detection: an agent stops summarising (a frozen node; detection takes the node timeout by design) or
   its stream breaks (a dead node); from the moment the simulator froze or dropped it to the coordinator's `failure`;
 - control-plane recovery: failure detected -> every agent acknowledged the new generation (`acknowledged`) -> every
-  rank reported the new generation after its node's barrier against the coordinator's TCPStore (`recovered`; each
-  agent arrives once for its ranks, as flashrun's agent does);
+  rank's new-generation store rendezvous done (`rendezvous`: the coordinator saw the new generation's barrier on its
+  TCPStore released complete; each agent arrives once for its ranks, as flashrun's agent does). The coordinator
+  publishes the generation as one notice on its store: the agents that watch it (all but a spare taking over)
+  acknowledge it there and get no Recover message (sim_agents.py; each trial's line on stderr says how many agents
+  the notice moved). With --no-store the agents neither watch nor run the barrier: each gets a Recover, there is no
+  rendezvous, and the column falls back to the next figure;
+- every rank reported: until the coordinator had every rank's summary in the new generation (`recovered`);
+- notice fallbacks: how often the coordinator sent Recover messages after all because the notice's acknowledgements
+  were late (`notice_fallback` events over the whole run of a size; it should be 0);
 - the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's, and the simulator
   processes' CPU time (where the 2 cores went);
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
@@ -207,6 +214,7 @@ class Job:
         """Freeze or drop one member node; returns the detection and recovery figures."""
         failures_before = len(self.events("failure"))
         recovered_before = len(self.events("recovered"))
+        fallbacks_before = len(self.events("notice_fallback"))
         for simulator in self.simulators:
             simulator.send(f"{how} {node}")
         marker = "silenced" if how == "silence" else "dropped"
@@ -221,15 +229,26 @@ class Job:
         store_in_recovery = store_cpu_seconds(self.coordinator.pid) - store_at_failure
         simulators_in_recovery = self.simulators_cpu_seconds() - simulators_at_failure
         generation = recovered["generation"]
-        acknowledged = next(e for e in self.events("recovery_phase")
-                            if e["generation"] == generation and e.get("phase") == "acknowledged")
+        acknowledged = wait_for(lambda: self.phase(generation, "acknowledged"), f"generation {generation}'s acks")
+        # The coordinator sees the barrier's release on its store (a thread of its own) and the ranks' reports (after
+        # the release) on its gRPC streams: the two events need not come in that order.
+        rendezvous = recovered if self.args.no_store else wait_for(
+            lambda: self.phase(generation, "rendezvous"), f"generation {generation}'s rendezvous")
         for simulator in self.simulators:  # consumed: the next trial matches only its own marker
             for record in simulator.matching(marker):
                 record["ts"] = 0
         return {"detect_s": failure["ts"] - lost_at, "acknowledged_s": acknowledged["since_detection_s"],
-                "recovered_s": recovered["since_detection_s"], "coordinator_cpu_s": cpu_in_recovery,
+                "rendezvous_s": rendezvous["since_detection_s"], "recovered_s": recovered["since_detection_s"],
+                "notice_fallbacks": len(self.events("notice_fallback")) - fallbacks_before,
+                "moved_by_notice": sum(r["rebuilding"] for s in self.simulators for r in s.matching("noticed")
+                                      if r["generation"] == generation),
+                "coordinator_cpu_s": cpu_in_recovery,
                 "store_cpu_s": store_in_recovery, "simulators_cpu_s": simulators_in_recovery,
                 "kind": failure["kind"] == "node_lost"}
+
+    def phase(self, generation: int, phase: str) -> dict[str, Any] | None:
+        return next((e for e in self.events("recovery_phase")
+                     if e["generation"] == generation and e.get("phase") == phase), None)
 
     def simulators_cpu_seconds(self) -> float:
         total = 0.0
@@ -265,7 +284,7 @@ def measure(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
                     trials[how].append(job.lose_node(how, node))
                     print(f"  N={nodes} trial {trial} {how}: {trials[how][-1]}", file=sys.stderr, flush=True)
             return {"nodes": nodes, "ranks": nodes * args.nproc, "startup_s": startup_s, "cpu": cpu_share,
-                    "rss_mb": memory, "trials": trials}
+                    "rss_mb": memory, "trials": trials, "notice_fallbacks": len(job.events("notice_fallback"))}
         except Exception:
             for log in sorted(Path(workdir).glob("*.log")):  # the work directory goes with this function
                 tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
@@ -321,21 +340,24 @@ def main() -> None:
     base = results[0]
     print(f"\n`{' '.join(['scripts/bench_scale.py', *sys.argv[1:]])}`: {args.trials} trials per kind of loss, "
           f"medians; {os.cpu_count()} cores shared by the coordinator and the simulators; node timeout 10 s")
+    recovery = ("control-plane recovery (--no-store: no rendezvous, every rank reported)" if args.no_store
+                else "control-plane recovery (every rank's store rendezvous done)")
     print("\n| nodes x ranks | node lost: stream broke | node lost: frozen (timeout 10 s) | agents acknowledged | "
-          "ranks rebuilt (control-plane recovery) | vs smallest | coordinator busy during it (store server) | "
-          "simulators busy during it | coordinator CPU | coordinator RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{recovery} | vs smallest | every rank reported | coordinator busy during it (store server) | "
+          "simulators busy during it | coordinator CPU | coordinator RSS | notice fallbacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         drop, frozen = r["trials"]["drop"], r["trials"]["silence"]
-        recovered = median([t["recovered_s"] for t in drop + frozen])
-        base_recovered = median([t["recovered_s"] for t in base["trials"]["drop"] + base["trials"]["silence"]])
+        rendezvous = median([t["rendezvous_s"] for t in drop + frozen])
+        base_rendezvous = median([t["rendezvous_s"] for t in base["trials"]["drop"] + base["trials"]["silence"]])
         print(f"| {r['nodes']} x {args.nproc} | {median([t['detect_s'] for t in drop]):.3f} s | "
               f"{median([t['detect_s'] for t in frozen]):.3f} s | "
-              f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {recovered:.3f} s | "
-              f"{recovered / base_recovered:.2f}x | {median([t['coordinator_cpu_s'] for t in drop + frozen]):.2f} s "
+              f"{median([t['acknowledged_s'] for t in drop + frozen]):.3f} s | {rendezvous:.3f} s | "
+              f"{rendezvous / base_rendezvous:.2f}x | {median([t['recovered_s'] for t in drop + frozen]):.3f} s | "
+              f"{median([t['coordinator_cpu_s'] for t in drop + frozen]):.2f} s "
               f"({median([t['store_cpu_s'] for t in drop + frozen]):.2f} s) | "
               f"{median([t['simulators_cpu_s'] for t in drop + frozen]):.2f} s | "
-              f"{100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB |")
+              f"{100 * r['cpu']:.1f}% | {r['rss_mb']:.0f} MB | {r['notice_fallbacks']} |")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,21 @@
 Each simulated agent joins like `flashrun` does (flashrun.agent.protocol builds every message and paces the node
 summaries, exactly as in the real agent), pretends to own --nproc ranks that complete a step every --step-s seconds,
 and answers the coordinator's commands like a real agent: StartWorkers starts its ranks, Recover moves them to the new
-generation, Shutdown ends it. With --store, each agent also runs the real barrier of a new generation against the
-coordinator's TCPStore before its ranks report that generation: as a real agent does once all of its ranks arrived
-(flashrun/agent/node_barrier.py), one arrival and one blocking wait per node (flashrun/agent/store_barrier.py).
+generation (a Recover for a generation the agent is already in is a duplicate and ignored), Shutdown ends it.
 
-Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising but keeps its
-stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node). Every observation is one JSON
-line on stdout: {"event": "started"|"silenced"|"recover"|..., "ts": unix time, ...}.
+With --store, each agent also opens its connections to the coordinator's TCPStore when its ranks start, and one more
+on which it watches for the next generation's notice (flashrun/agent/generation_notice.py); its summaries say
+`watching` from then on. An in-place recovery then reaches it as the notice, not as a Recover: unless its node is one
+of the notice's direct nodes (those ignore it and get a Recover), the agent acknowledges the notice on the store, runs
+the new generation's barrier, and only then reports the generation (an urgent summary): the recovery costs no gRPC
+message until then (regular summaries go on). The barrier is the real one, as a real agent runs it once all of its
+ranks arrived (flashrun/agent/node_barrier.py): one arrival and one blocking wait per node
+(flashrun/agent/store_barrier.py). Without --store an agent does not watch: every recovery reaches it as a Recover.
+
+Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising and watching but
+keeps its stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node). Every observation is one
+JSON line on stdout: {"event": "started"|"silenced"|"noticed"|"rebuilt"|..., "ts": unix time, ...} ("noticed": one
+per batch of notices a simulator process handed its agents).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import resource
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -34,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flashrun._proto import flashrun_pb2 as pb  # noqa: E402
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc  # noqa: E402
-from flashrun.agent import store_barrier  # noqa: E402
+from flashrun.agent import generation_notice, store_barrier  # noqa: E402
 from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message, summary_message  # noqa: E402
 
 FAKE_PID_BASE = 10_000_000
@@ -51,35 +59,58 @@ def emit(event: str, **fields: Any) -> None:
 
 
 STORE_THREADS = 4
-"""Threads per simulator process that open the agents' store connections at start."""
+"""Threads per simulator process that open the agents' store connections."""
+WATCH_TIMEOUT_S = 30.0
+"""How long the watch thread blocks on one agent's watcher for the next notice before it looks again at which
+agents watch which generation (a timed-out get costs the store server a CANCEL_WAIT, and torch two warnings)."""
+
+
+class StoreEntry(NamedTuple):
+    """One agent's store work for a generation, done on the arrivals thread in this order."""
+
+    agent: SimulatedAgent
+    generation: int
+    acks_expected: int | None
+    """Acknowledge the generation's notice first (None: told by a Recover message, nothing to acknowledge)."""
+    released: asyncio.Future[bytes] | None
+    """Arrive at the generation's barrier; the future gets the release (None: only acknowledge)."""
 
 
 class StorePools:
     """The store work of a simulator process's agents, off the event loop.
 
-    Each agent's barrier operations are its own, on its own two connections, but they run in batches on two threads
-    per process (arrivals, then waits), and each batch hands its results back to the event loop at once. A handoff
-    per agent (two thread switches and GIL round trips each, for thousands of agents in one process) was the
-    largest cost of a simulated recovery; real agents, each on its own machine, do not share it.
+    Each agent's store operations are its own, on its own three connections, but they run in batches on three threads
+    per process (notices, arrivals, then waits), and each batch hands its results on at once. A handoff per agent (two
+    thread switches and GIL round trips each, for thousands of agents in one process) was the largest cost of a
+    simulated recovery; real agents, each on its own machine, do not share it.
     Arrivals and waits have a thread each because a wait blocks until every node arrived: arrivals must never queue
-    behind it.
+    behind it. Watching has its own because its get blocks until the coordinator publishes the next notice.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
         self.connects = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sim-connect")
         self._loop = loop
         self._deadline_s = deadline_s
-        self._arrivals: queue.SimpleQueue[tuple[SimulatedAgent, int, asyncio.Future[bytes]]] = queue.SimpleQueue()
+        self._arrivals: queue.SimpleQueue[list[StoreEntry]] = queue.SimpleQueue()
         self._waits: queue.SimpleQueue[
             list[tuple[store_barrier.GenerationBarrier, asyncio.Future[bytes]]]] = queue.SimpleQueue()
+        self._watched: list[SimulatedAgent] = []
+        """The agents with a watcher connection, in the order they got it (appended on the loop)."""
+        self._newly_watched = threading.Event()
         threading.Thread(target=self._arrive, name="sim-arrive", daemon=True).start()
         threading.Thread(target=self._wait, name="sim-wait", daemon=True).start()
+        threading.Thread(target=self._watch, name="sim-watch", daemon=True).start()
 
     def barrier(self, agent: SimulatedAgent, generation: int) -> asyncio.Future[bytes]:
         """The agent's arrival at `generation`'s barrier; the future gets the release."""
-        outcome: asyncio.Future[bytes] = self._loop.create_future()
-        self._arrivals.put((agent, generation, outcome))
-        return outcome
+        released: asyncio.Future[bytes] = self._loop.create_future()
+        self._arrivals.put([StoreEntry(agent, generation, None, released)])
+        return released
+
+    def watch(self, agent: SimulatedAgent) -> None:
+        """From now on the watch thread waits for the agent's next notice on its watcher connection."""
+        self._watched.append(agent)
+        self._newly_watched.set()
 
     @staticmethod
     def _drain(first: Any, pending: queue.SimpleQueue[Any]) -> list[Any]:
@@ -89,25 +120,91 @@ class StorePools:
                 batch.append(pending.get_nowait())
         return batch
 
+    def _watch(self) -> None:
+        """Each watching agent's own blocking get of its next generation's notice, on its own watcher connection.
+
+        The agents of a process are in one generation but for moments in a recovery (a notice being handed over, a
+        direct node told by a Recover first), so they watch in groups by the generation after theirs. The first get
+        of a group blocks until the coordinator publishes its notice; the rest of the group's find the key there, and
+        the whole group's notices go to the event loop as one batch.
+        """
+        while True:
+            watching = [agent for agent in self._watched if agent.watchable]
+            if not watching:
+                self._newly_watched.wait()
+                self._newly_watched.clear()
+                continue
+            for generation in sorted({agent.next_notice for agent in watching}):
+                first = next(agent for agent in watching if agent.next_notice == generation)
+                notice = self._await_notice(first, generation)
+                if notice is None:
+                    continue  # not yet published (or this agent's watcher failed): look at the next group
+                noticed = [(first, notice, time.time())]
+                for agent in self._watched:  # agents that started watching meanwhile are in the group too
+                    if agent is not first and agent.watchable and agent.next_notice == generation \
+                            and (own := self._await_notice(agent, generation)) is not None:
+                        noticed.append((agent, own, time.time()))
+                for agent, _, _ in noticed:
+                    agent.noticed = generation
+                self._loop.call_soon_threadsafe(self._noticed, generation, noticed)
+                break  # the group moved on: regroup
+
+    @staticmethod
+    def _await_notice(agent: SimulatedAgent, generation: int) -> pb.GenerationNotice | None:
+        try:
+            return generation_notice.await_notice(agent.watcher, generation, WATCH_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - this agent stops watching; the simulator goes on
+            agent.watch_failed = True
+            print(f"agent {agent.index}: watching generation {generation} failed: {err}", file=sys.stderr, flush=True)
+            return None
+
+    def _noticed(self, generation: int, noticed: list[tuple[SimulatedAgent, pb.GenerationNotice, float]]) -> None:
+        """On the loop: each agent acts on its notice; the store work of those that do goes to the store threads as
+        one batch."""
+        entries, rebuilds, ignored = [], [], 0
+        for agent, notice, received in noticed:
+            if not agent.watchable or generation_notice.respawn_for(notice, agent.node_rank) is None:
+                ignored += 1  # a direct node (told by a Recover, or shut down), or a frozen or dropped node
+                continue
+            if notice.generation > agent.generation:
+                agent.generation = notice.generation  # the placement stays: a notice moves no node
+                released: asyncio.Future[bytes] = self._loop.create_future()
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, released))
+                rebuilds.append((agent, received, released))
+            else:  # a Recover message came first: the coordinator still counts the acknowledgement
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, None))
+        if entries:
+            self._arrivals.put(entries)
+        for agent, received, released in rebuilds:
+            agent.rebuild(generation, received, released)
+        emit("noticed", generation=generation, agents=len(noticed), rebuilding=len(rebuilds),
+             acknowledged_only=len(entries) - len(rebuilds), ignored=ignored)
+
     def _arrive(self) -> None:
         while True:
-            batch = self._drain(self._arrivals.get(), self._arrivals)
+            batch = [entry for entries in self._drain(self._arrivals.get(), self._arrivals) for entry in entries]
             arrived, failed = [], []
-            for agent, generation, outcome in batch:
+            for agent, generation, acks_expected, released in batch:
                 try:
-                    arrived.append((agent.arrive(generation), outcome))
+                    if acks_expected is not None:
+                        agent.acknowledge(generation, acks_expected)
+                    if released is not None:
+                        arrived.append((agent.arrive(generation), released))
                 except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
-                    failed.append((outcome, f"failed: {err}".encode()))
-                    print(f"agent {agent.index}: arrival failed: {err}", file=sys.stderr, flush=True)
+                    if released is not None:
+                        failed.append((released, f"failed: {err}".encode()))
+                    print(f"agent {agent.index}: generation {generation}: store failed: {err}", file=sys.stderr,
+                          flush=True)
             if failed:
                 self._loop.call_soon_threadsafe(self._resolve, failed)
-            self._waits.put(arrived)
+            if arrived:
+                self._waits.put(arrived)
 
     def _wait(self) -> None:
         while True:
             batches = self._drain(self._waits.get(), self._waits)
             # The first wait blocks until the release; the rest of the generation's find it there.
-            done = [(outcome, self._await(barrier)) for batch in batches for barrier, outcome in batch]
+            done = [(released, self._await(barrier)) for batch in batches for barrier, released in batch]
             self._loop.call_soon_threadsafe(self._resolve, done)
 
     def _await(self, barrier: store_barrier.GenerationBarrier) -> bytes:
@@ -119,9 +216,9 @@ class StorePools:
 
     @staticmethod
     def _resolve(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
-        for outcome, released in done:
-            if not outcome.done():
-                outcome.set_result(released)
+        for released, outcome in done:
+            if not released.done():
+                released.set_result(outcome)
 
 
 class SimulatedAgent:
@@ -146,9 +243,27 @@ class SimulatedAgent:
         self.urgent = asyncio.Event()
         self.call: Any = None
         self.store: Any = None
+        """The agent's two store connections (arrivals and acknowledgements, then the barrier's blocking wait)."""
+        self.watcher: Any = None
+        """The agent's third store connection, for the blocking get of the next generation's notice."""
+        self.watching = False
+        """The watch thread has this agent (its summaries say so: the coordinator may send it notices)."""
+        self.noticed = -1
+        """The latest generation whose notice the watch thread got for this agent (written by that thread only)."""
+        self.watch_failed = False
         self._pools = pools
         self._summaries: asyncio.Task[None] | None = None
         self._rebuilding: asyncio.Task[None] | None = None
+
+    @property
+    def watchable(self) -> bool:
+        """Whether the agent acts on notices: a frozen (`silence`) or dropped node no longer does anything."""
+        return self.watching and self.active and not self.silent and not self.watch_failed
+
+    @property
+    def next_notice(self) -> int:
+        """The generation whose notice the agent waits for: the one after both its own and the last one noticed."""
+        return max(self.generation, self.noticed) + 1
 
     async def run(self, endpoint: str) -> None:
         async with grpc.aio.insecure_channel(endpoint, options=[] if self.args.shared_connection
@@ -181,7 +296,8 @@ class SimulatedAgent:
             self._place(message.start)
             if self.args.store:
                 assert self._pools is not None
-                await asyncio.get_running_loop().run_in_executor(self._pools.connects, self._connect_store)
+                await asyncio.get_running_loop().run_in_executor(self._pools.connects, self._connect_all)
+                self._watch()
             self.rank_generation = self.generation
             emit("started", agent=self.index, node=self.node_rank, generation=self.generation)
             if self._summaries is None:
@@ -189,11 +305,13 @@ class SimulatedAgent:
             self.urgent.set()
         elif kind == "recover":
             received = time.time()
+            if message.recover.generation <= self.generation:
+                return False  # a duplicate: the agent moved to that generation on its notice first
             self._place(message.recover.placement)
             if self._summaries is None:  # a spare taking over a lost node
                 self._summaries = asyncio.get_running_loop().create_task(self._summarise())
             self.urgent.set()  # acknowledges the new generation, as the real agent's summary after a Recover does
-            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(self.generation, received))
+            self.rebuild(self.generation, received)
         elif kind == "stop":
             await self.call.write(stopped_message(message.stop.generation))
         elif kind == "shutdown":
@@ -214,22 +332,52 @@ class SimulatedAgent:
         self.store_port = placement.master_port
         self.pacer.configure(placement.detection)
 
-    async def _rebuild(self, generation: int, received: float) -> None:
+    def rebuild(self, generation: int, received: float, released: asyncio.Future[bytes] | None = None) -> None:
+        """Move the ranks to `generation` (told at `received`); `released`: the barrier's release, when the store
+        threads already have the agent's arrival (a notice), else the agent arrives now (a Recover)."""
+        self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(generation, received, released))
+
+    async def _rebuild(self, generation: int, received: float, released: asyncio.Future[bytes] | None) -> None:
         """The ranks' side of a recovery: the new generation's barrier, then report that generation."""
         if self.args.store:
             assert self._pools is not None
-            if await self._pools.barrier(self, generation) != store_barrier.COMPLETE:
+            if await (released or self._pools.barrier(self, generation)) != store_barrier.COMPLETE:
                 emit("barrier_not_complete", agent=self.index, generation=generation)
                 return
         if generation == self.generation:
             self.rank_generation = generation
             self.urgent.set()
         emit("rebuilt", agent=self.index, generation=generation, received=received)
+        if self.args.store and not self.watching:  # a spare that took over: it watches from now on
+            assert self._pools is not None
+            await asyncio.get_running_loop().run_in_executor(self._pools.connects, self._connect_watcher)
+            self._watch()
+
+    def _connect_all(self) -> None:
+        self._connect_store()
+        self._connect_watcher()
 
     def _connect_store(self) -> None:
         """The agent's two store connections, opened when its ranks start, as a real agent's are: the store server
         accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
         self.store = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
+
+    def _connect_watcher(self) -> None:
+        """The watcher connection: with the others when the ranks start; a spare that takes over opens it once its
+        barrier was released (the Recover told it where the store is; the store server accepts connections one at a
+        time, and a third one before its arrival would hold the barrier up)."""
+        self.watcher = generation_notice.connect_one(self.args.store_host, self.store_port,
+                                                     self.args.rendezvous_deadline_s)
+
+    def _watch(self) -> None:
+        if not self.watching:
+            assert self._pools is not None
+            self.watching = True
+            self._pools.watch(self)
+
+    def acknowledge(self, generation: int, expected: int) -> None:
+        """The agent acted on `generation`'s notice (on its first store connection: the waiter's may be blocked)."""
+        generation_notice.acknowledge(self.store[0], generation, expected)
 
     def arrive(self, generation: int) -> store_barrier.GenerationBarrier:
         """The node's arrival at the job-wide barrier, made once all of its simulated ranks arrived (at once: they
@@ -266,7 +414,7 @@ class SimulatedAgent:
                                 generation=self.rank_generation, recoverable=True)
                 for local, (pid, age) in enumerate(ages.items())
             ]
-            await self.call.write(summary_message(self.generation, ranks))
+            await self.call.write(summary_message(self.generation, ranks, watching=self.watching))
 
 
 async def control(agents: dict[int, SimulatedAgent]) -> None:

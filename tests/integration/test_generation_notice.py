@@ -168,3 +168,12 @@ def test_a_newer_generation_ends_the_coordinators_watch_of_the_older_one(server:
 
     assert heard.get(timeout=DEADLINE_S) == ("released", 1, "superseded")
     assert heard.get(timeout=DEADLINE_S) == ("released", 2, "complete")
+
+
+def test_a_release_is_heard_while_acknowledgements_are_still_missing(server: Any, watch: Any) -> None:
+    recovery_watch, heard = watch
+    generation_notice.publish(server, notice(1, acks=2))
+    recovery_watch.follow(server.port, 1, acknowledgements=True)
+
+    store_barrier.GenerationBarrier(client(server), client(server), 1, 1).arrive()  # one agent never acknowledges
+    assert heard.get(timeout=DEADLINE_S) == ("released", 1, "complete")
