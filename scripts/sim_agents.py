@@ -366,7 +366,7 @@ class SimulatedAgent:
         """The watcher connection: with the others when the ranks start; a spare that takes over opens it once its
         barrier was released (the Recover told it where the store is; the store server accepts connections one at a
         time, and a third one before its arrival would hold the barrier up)."""
-        self.watcher = generation_notice.connect_one(self.args.store_host, self.store_port,
+        self.watcher = store_barrier.connect_one(self.args.store_host, self.store_port,
                                                      self.args.rendezvous_deadline_s)
 
     def _watch(self) -> None:

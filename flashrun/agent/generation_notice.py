@@ -71,11 +71,3 @@ def respawn_for(notice: pb.GenerationNotice, node_rank: int) -> list[int] | None
     if node_rank in notice.direct_nodes:
         return None
     return next((list(r.local_ranks) for r in notice.respawn if r.node_rank == node_rank), [])
-
-
-def connect_one(host: str, port: int, timeout_s: float) -> Any:
-    """One more client connection to the job's store (the watcher's own)."""
-    import torch.distributed as dist
-
-    return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))

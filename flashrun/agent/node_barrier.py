@@ -223,7 +223,7 @@ class NodeBarrier:
         thread blocked on the old store until that store goes away; its notices are not delivered."""
         assert self._on_notice is not None
         try:
-            connection = generation_notice.connect_one(host, port, STORE_CONNECT_TIMEOUT_S)
+            connection = store_barrier.connect_one(host, port, STORE_CONNECT_TIMEOUT_S)
             with self._lock:
                 if watch_id != self._watch_id:
                     return

@@ -71,7 +71,12 @@ class GenerationBarrier:
 
 def connect(host: str, port: int, timeout_s: float) -> tuple[Any, Any]:
     """The two client connections a participant needs: one for arrivals and releases, one for the blocking wait."""
+    return connect_one(host, port, timeout_s), connect_one(host, port, timeout_s)
+
+
+def connect_one(host: str, port: int, timeout_s: float) -> Any:
+    """One client connection to the job's store (a blocking get holds a connection of its own)."""
     import torch.distributed as dist
 
-    return tuple(dist.TCPStore(host, port, is_master=False, wait_for_workers=False,  # type: ignore[return-value]
-                               timeout=datetime.timedelta(seconds=timeout_s)) for _ in range(2))
+    return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flashrun.agent import generation_notice
+from flashrun.agent import generation_notice, store_barrier
 from flashrun.agent.store_barrier import barrier_key
 
 STORE_CONNECT_TIMEOUT_S = 60.0
@@ -45,7 +45,7 @@ class _KeyWatch:
             try:
                 if port != connected_to:
                     connection, connected_to = None, -1
-                    connection = generation_notice.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
+                    connection = store_barrier.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
                     connected_to = port
                 if generation < 0:
                     continue
