@@ -9,6 +9,7 @@ carries out the commands it returns. Lifecycle:
     RUNNING(g) --(failure)--> RECOVERING(g+1): faulty ranks respawned, healthy ones move to g+1 in place
     RECOVERING(g+1) --(every rank reports g+1)--> RUNNING(g+1)
     RECOVERING(g+1) --(another failure, or ranks late past the deadline)--> RECOVERING(g+2)
+    (agents that watch the job's store hear of g+1 from one notice published there; the rest get a Recover)
     Full restart, for scripts without the step loop (torchrun's semantics):
     RUNNING(g) --(failure)--> STOPPING(g) --(all agents stopped, restarts left)--> RUNNING(g+1)
     STOPPING(g) --(no restarts left, or stop not confirmed in time)--> FAILED
@@ -281,9 +282,9 @@ class Job:
         self._awaiting_step: tuple[int, float] | None = None
         """After a recovery: (the step to complete, when the failure was detected), for the timeline."""
         self._replacements: dict[int, int] = {}
+        """How often each rank's process was replaced by an in-place recovery."""
         self._world_size = 0
         self._world_size_of: dict[str, NodeAssignment] | None = None
-        """How often each rank's process was replaced by an in-place recovery."""
         self._unacknowledged: set[str] = set()
         """Agents that have not yet acknowledged the generation a recovery moved them to."""
         self._watching: set[str] = set()
@@ -729,6 +730,7 @@ class Job:
         for rank in sorted(ranks):
             offset, agent_id = by_offset[bisect.bisect_right(offsets, rank) - 1]
             respawn.setdefault(agent_id, []).append(rank - offset)
+        self._respawn = {agent_id: tuple(local_ranks) for agent_id, local_ranks in respawn.items()}
         # The agents that watch the store learn the generation from one notice there (agent/generation_notice.py);
         # a spare taking over needs its placement, and an agent not known to watch needs a message.
         direct = {a for a in self.assignments if a not in self._watching or a in spares_placed}
@@ -737,12 +739,11 @@ class Job:
         self._rendezvous_pending = self._recovery_began
         direct_nodes = {self.assignments[a].node_rank for a in direct} | lost_nodes
         out.commands.append(Publish(
-            self.generation, {self.assignments[a].node_rank: tuple(r) for a, r in respawn.items()},
+            self.generation, {self.assignments[a].node_rank: r for a, r in self._respawn.items()},
             tuple(sorted(direct_nodes)), len(self._noticed)))
         for agent_id in sorted(direct):
-            out.commands.append(Recover(agent_id, self.generation, tuple(respawn.get(agent_id, ())),
+            out.commands.append(Recover(agent_id, self.generation, self._respawn.get(agent_id, ()),
                                         self.assignments[agent_id], world_size, nnodes))
-        self._respawn = {agent_id: tuple(ranks) for agent_id, ranks in respawn.items()}
 
     def _fall_back_from_notice(self, out: Output) -> None:
         """The notice was not acknowledged by all in time: tell the agents not yet seen in the generation directly
