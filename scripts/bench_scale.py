@@ -242,9 +242,20 @@ class Job:
                 "notice_fallbacks": len(self.events("notice_fallback")) - fallbacks_before,
                 "moved_by_notice": sum(r["rebuilding"] for s in self.simulators for r in s.matching("noticed")
                                       if r["generation"] == generation),
+                **self.spread(generation, failure["ts"]),
                 "coordinator_cpu_s": cpu_in_recovery,
                 "store_cpu_s": store_in_recovery, "simulators_cpu_s": simulators_in_recovery,
                 "kind": failure["kind"] == "node_lost"}
+
+    def spread(self, generation: int, failed_at: float) -> dict[str, float]:
+        """When, after the failure, the simulated agents got the new generation (first and last) and passed its
+        barrier (last): where a slow recovery spent its time."""
+        rebuilt = [r for s in self.simulators for r in s.matching("rebuilt") if r["generation"] == generation]
+        if not rebuilt:
+            return {}
+        received = [r["received"] - failed_at for r in rebuilt]
+        return {"told_first_s": round(min(received), 3), "told_last_s": round(max(received), 3),
+                "rebuilt_last_s": round(max(r["ts"] for r in rebuilt) - failed_at, 3)}
 
     def phase(self, generation: int, phase: str) -> dict[str, Any] | None:
         return next((e for e in self.events("recovery_phase")
