@@ -14,6 +14,8 @@ agent per trial, and measures:
   the notice moved). With --no-store the agents neither watch nor run the barrier: each gets a Recover, there is no
   rendezvous, and the column falls back to the next figure;
 - every rank reported: until the coordinator had every rank's summary in the new generation (`recovered`);
+- on stderr, per trial: also when the simulated agents heard of the new generation (first, last) and passed its
+  barrier (last), counted from the failure;
 - notice fallbacks: how often the coordinator sent Recover messages after all because the notice's acknowledgements
   were late (`notice_fallback` events over the whole run of a size; it should be 0);
 - the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's, and the simulator
