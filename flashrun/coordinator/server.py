@@ -31,6 +31,7 @@ from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.agent import generation_notice
 from flashrun.agent.agent import local_agent_id
 from flashrun.config import Endpoint
+from flashrun.coordinator import descriptors
 from flashrun.coordinator import job as jobs
 from flashrun.coordinator.detector import RankReport
 from flashrun.coordinator.recovery_watch import RecoveryWatch
@@ -100,6 +101,9 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     # Lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> int:
+        warning = descriptors.ensure(self._job.spec.max_nodes)
+        if warning:
+            self._emit(jobs.Event("descriptor_limit", 0, {"detail": warning}))
         # The first store is made before any agent joins: creating it imports torch (over a second), which must
         # not delay the start of generation 0 once the rendezvous completes.
         try:

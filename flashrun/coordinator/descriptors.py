@@ -1,0 +1,43 @@
+"""Enough file descriptors for the coordinator's process: about four per node (each agent's gRPC stream and its
+three connections to the job's store), more than the soft limit of 1,024 that many clusters default to allows
+beyond about 190 nodes. Past that, the store server and the gRPC server fail to accept connections, and agents time
+out with nothing pointing at the cause.
+
+The soft limit is raised only as far as the job needs and the hard limit allows; processes this one starts (the
+workers of the node that hosts the coordinator) inherit it.
+"""
+
+from __future__ import annotations
+
+import resource
+
+DESCRIPTORS_PER_NODE = 4
+"""An agent's gRPC stream and its three store connections (two for the barrier, one watching for notices)."""
+DESCRIPTORS_SPARE = 256
+"""The rest of the process: listening sockets, the event log, a hosting node's own workers' pipes and logs."""
+
+
+def needed(nodes: int) -> int:
+    return nodes * DESCRIPTORS_PER_NODE + DESCRIPTORS_SPARE
+
+
+def plan(nodes: int, soft: int, hard: int) -> tuple[int | None, str]:
+    """The soft limit to set (None: keep `soft`) and a warning when even the hard limit is short. Pure."""
+    need = needed(nodes)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None, ""
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        return need, ""
+    return (hard if hard > soft else None), (
+        f"a job of {nodes} nodes needs about {need} open files in the coordinator's process, but the hard limit "
+        f"is {hard}: raise it (ulimit -Hn, or limits.conf) or agents beyond about "
+        f"{(hard - DESCRIPTORS_SPARE) // DESCRIPTORS_PER_NODE} nodes will fail to connect")
+
+
+def ensure(nodes: int) -> str:
+    """Raise this process's soft limit for a job of `nodes` nodes; returns a warning if it cannot be enough."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new_soft, warning = plan(nodes, soft, hard)
+    if new_soft is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    return warning
