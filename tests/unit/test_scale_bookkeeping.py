@@ -3,8 +3,6 @@ acknowledgement of a recovery, and the agent-side summary pacing. Pure: time is 
 
 from __future__ import annotations
 
-import pytest
-
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun.agent.protocol import SummaryPacer
 from flashrun.config import Detection
@@ -102,47 +100,18 @@ def test_a_large_snapshot_lists_every_node_but_only_the_ranks_worth_a_look() -> 
     assert len(job.snapshot(6.0)["ranks"]) == 32  # without a limit: every rank
 
 
-def paced(phase: float) -> SummaryPacer:
-    """A pacer of 2 s summary intervals whose regular summaries fall `phase` of an interval after its first one."""
-    pacer = SummaryPacer(phase=lambda: phase)
-    pacer.configure(pb.Detection(heartbeat_interval_s=0.25, summary_interval_s=2.0, heartbeat_timeout_s=2.0))
-    return pacer
-
-
-HEALTHY = {1: 0.1, 2: 0.2}
-
-
 def test_summaries_are_paced_by_the_interval_unless_a_worker_falls_silent() -> None:
-    pacer = paced(1.0)
+    pacer = SummaryPacer()
+    pacer.configure(pb.Detection(heartbeat_interval_s=0.25, summary_interval_s=2.0, heartbeat_timeout_s=2.0))
+    healthy = {1: 0.1, 2: 0.2}
 
-    assert pacer.should_send(0.0, urgent=False, ages=HEALTHY)  # the first one goes at once
+    assert pacer.should_send(0.0, urgent=False, ages=healthy)  # the first one goes at once
     assert pacer.wait_s(0.0) == 0.25  # silent workers are looked for every heartbeat interval
-    assert not pacer.should_send(1.0, urgent=False, ages=HEALTHY)
+    assert not pacer.should_send(1.0, urgent=False, ages=healthy)
     assert pacer.should_send(1.1, urgent=False, ages={1: 2.1, 2: 0.2})  # worker 1 newly silent: at once
     assert not pacer.should_send(1.35, urgent=False, ages={1: 2.35, 2: 0.2})  # already reported
-    assert pacer.should_send(1.5, urgent=True, ages=HEALTHY)
-    assert pacer.should_send(2.0, urgent=False, ages=HEALTHY)  # the interval elapsed
-
-
-def test_regular_summaries_keep_their_phase_through_urgent_ones_and_late_looks() -> None:
-    pacer = paced(0.25)  # first at 0, then regular ones at 0.5, 2.5, 4.5, ...
-    assert pacer.should_send(0.0, urgent=False, ages=HEALTHY)
-
-    assert pacer.should_send(0.5, urgent=False, ages=HEALTHY)
-    assert pacer.should_send(1.0, urgent=True, ages=HEALTHY)  # an urgent one (say, the end of a recovery)...
-    assert not pacer.should_send(2.4, urgent=False, ages=HEALTHY)  # ...does not move the next regular one
-    assert pacer.due_in_s(2.4) == pytest.approx(0.1)
-    assert pacer.should_send(2.5, urgent=False, ages=HEALTHY)
-    assert pacer.should_send(9.0, urgent=False, ages=HEALTHY)  # a look late by several intervals sends once
-    assert pacer.due_in_s(9.0) == pytest.approx(1.5)  # and the phase holds: 10.5
-
-
-def test_agents_started_together_spread_their_regular_summaries_over_the_interval() -> None:
-    pacers = [paced(phase) for phase in (0.25, 0.5, 0.75, 1.0)]
-    for pacer in pacers:
-        assert pacer.should_send(0.0, urgent=True, ages=HEALTHY)  # all at once: StartWorkers came to all
-
-    assert [pacer.due_in_s(0.0) for pacer in pacers] == [0.5, 1.0, 1.5, 2.0]
+    assert pacer.should_send(1.5, urgent=True, ages=healthy)
+    assert pacer.should_send(3.5, urgent=False, ages=healthy)  # the interval elapsed
 
 
 def test_large_jobs_space_their_summaries_to_fit_the_coordinators_budget() -> None:
