@@ -20,11 +20,10 @@ Imports torch.distributed only when a store connection is opened, so that import
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from flashrun._proto import flashrun_pb2 as pb
-from flashrun.agent.store_barrier import SUPERSEDED, barrier_key
+from flashrun.agent.store_barrier import SUPERSEDED, await_value, barrier_key
 
 ALL_ACKED = b"acked"
 """The value of `all_acked` once every agent the notice expects acknowledged it."""
@@ -46,19 +45,6 @@ def acknowledge(store: Any, generation: int, expected: int) -> None:
     """An agent acted on generation `generation`'s notice; the last of the `expected` ones tells the coordinator."""
     if int(store.add(barrier_key(generation, "acked"), 1)) == expected:
         store.compare_set(barrier_key(generation, "all_acked"), b"", ALL_ACKED)
-
-
-def await_value(waiter: Any, key: str, timeout_s: float) -> bytes | None:
-    """A blocking get of `key` on `waiter` (a connection of its own: the get holds it); None after `timeout_s`."""
-    import torch.distributed as dist
-
-    waiter.set_timeout(datetime.timedelta(seconds=max(timeout_s, 0.001)))
-    try:
-        return bytes(waiter.get(key))
-    except dist.DistStoreError as err:
-        if "timeout" not in str(err).lower():
-            raise
-    return None
 
 
 def await_notice(waiter: Any, generation: int, timeout_s: float) -> pb.GenerationNotice | None:

@@ -56,17 +56,25 @@ class GenerationBarrier:
 
     def await_release(self, deadline_s: float) -> bytes:
         """The release (COMPLETE or SUPERSEDED), pushed by the server; TimeoutError after `deadline_s`."""
-        import torch.distributed as dist
-
-        self.waiter.set_timeout(datetime.timedelta(seconds=max(deadline_s, 0.001)))
-        try:
-            return bytes(self.waiter.get(barrier_key(self.generation, "released")))
-        except dist.DistStoreError as err:
-            if "timeout" not in str(err).lower():
-                raise
+        released = await_value(self.waiter, barrier_key(self.generation, "released"), deadline_s)
+        if released is not None:
+            return released
         arrived = int(self.store.add(barrier_key(self.generation, "arrived"), 0))  # the failure path only
         raise TimeoutError(f"only {arrived} of {self.participants} nodes reached generation {self.generation} "
                            f"within {deadline_s:.1f} s")
+
+
+def await_value(waiter: Any, key: str, timeout_s: float) -> bytes | None:
+    """A blocking get of `key` on `waiter` (a connection of its own: the get holds it); None after `timeout_s`."""
+    import torch.distributed as dist
+
+    waiter.set_timeout(datetime.timedelta(seconds=max(timeout_s, 0.001)))
+    try:
+        return bytes(waiter.get(key))
+    except dist.DistStoreError as err:
+        if "timeout" not in str(err).lower():
+            raise
+    return None
 
 
 def connect(host: str, port: int, timeout_s: float) -> tuple[Any, Any]:

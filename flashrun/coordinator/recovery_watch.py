@@ -49,7 +49,7 @@ class _KeyWatch:
                     connected_to = port
                 if generation < 0:
                     continue
-                value = generation_notice.await_value(connection, barrier_key(generation, self._name), self._wait_s)
+                value = store_barrier.await_value(connection, barrier_key(generation, self._name), self._wait_s)
                 if value is not None:
                     self._report(generation, value, time.monotonic())
             except Exception:  # noqa: BLE001 - the store is gone (shutdown, a full restart): agents' messages remain

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,15 +23,9 @@ from flashrun.coordinator.recovery_watch import RecoveryWatch
 from tests.helpers import wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
+WATCH_THREAD = "flashrun-notice-watch"
 DEADLINE_S = 30.0
 """Generous for a loaded 2-core machine: what passes does so in milliseconds."""
-
-
-@pytest.fixture
-def server() -> Iterator[Any]:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
-    yield store
-    del store
 
 
 def client(server: Any) -> Any:
@@ -89,7 +84,7 @@ def test_the_last_expected_acknowledgement_tells_the_coordinator(server: Any, ag
     agents[1].barrier.acknowledge(1, 2)
 
     assert not after_one
-    assert generation_notice.await_value(client(server), all_acked, DEADLINE_S) == generation_notice.ALL_ACKED
+    assert store_barrier.await_value(client(server), all_acked, DEADLINE_S) == generation_notice.ALL_ACKED
 
 
 def test_the_watch_follows_generations_and_skips_those_the_agent_was_told_directly(server: Any,
@@ -119,14 +114,21 @@ def test_publishing_a_generation_supersedes_the_previous_ones_barrier(server: An
     assert agent.releases.get(timeout=DEADLINE_S) == Release((100, 101), 1, SUPERSEDED)
 
 
+def watch_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == WATCH_THREAD}
+
+
 def test_after_a_store_move_only_the_new_stores_notices_are_heard(server: Any, agents: list[Agent]) -> None:
+    earlier = watch_threads()  # other tests' watches may still be ending
     agent = Agent(server)
     agents.append(agent)
+    (old_watch,) = watch_threads() - earlier
     moved = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
     agent.barrier.place(moved.host, moved.port, 2, 5)  # a full restart into generation 5
     wait_for(lambda: agent.barrier.watching, DEADLINE_S, "the watch on the new store")
 
-    generation_notice.publish(server, notice(1))
+    generation_notice.publish(server, notice(1))  # wakes the old store's watch, which must drop it and end
+    wait_for(lambda: not old_watch.is_alive(), DEADLINE_S, "the old store's watch to end")
     generation_notice.publish(moved, notice(6))
 
     assert agent.next_notice().generation == 6

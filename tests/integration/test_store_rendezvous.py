@@ -53,13 +53,6 @@ class CountingStore:
         return counted
 
 
-@pytest.fixture
-def server() -> Iterator[Any]:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
-    yield store
-    del store
-
-
 def client(server: Any) -> CountingStore:
     return CountingStore(dist.TCPStore(server.host, server.port, is_master=False, wait_for_workers=False,
                                        timeout=STORE_TIMEOUT))
