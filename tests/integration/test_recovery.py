@@ -232,6 +232,35 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
     assert_same_model(out, reference[4], node0.output, 4)
 
 
+def test_an_agent_that_misses_the_notice_is_told_directly(launcher: Launcher, tmp_path: Path,
+                                                          reference: dict) -> None:
+    """Node 1's agent is stopped (SIGSTOP) when node 0 loses a worker: it cannot act on the notice, so after
+    JobSpec.notice_fallback_s the coordinator sends it a Recover. Resumed, the agent has both the notice and the
+    Recover for the same generation; it acts once and the job finishes with nothing lost."""
+    logs, out = tmp_path / "logs", tmp_path / "out.pt"
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *train_args(out), name="node0")
+    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", *train_args(out), name="node1")
+    wait_for(lambda: reached(node0, 10), 120, "step 10")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
+    wait_for(lambda: status(launcher, node0, logs)["watching_nodes"] == 2, 60, "both agents to watch the store")
+    victim = workers_by_rank(launcher)[1]  # on node 0
+    node1.signal(signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        fallback = wait_for(lambda: named(logs, "notice_fallback"), 30, "the notice fallback")
+    finally:
+        node1.signal(signal.SIGCONT)
+    assert [e["nodes"] for e in fallback] == [[1]], fallback
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    assert len(named(logs, "failure")) == 1  # the stopped agent was not taken for a lost node
+    finish(launcher, node0, logs)
+    assert node1.wait(60) == 0, node1.output
+    assert_same_model(out, reference[4], node0.output, 4)
+
+
 CHECKPOINT = str(REPO / "tests" / "probes" / "checkpoint_probe.py")
 
 
