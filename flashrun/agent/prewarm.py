@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
+from flashrun import descriptors
+
 ZYGOTE_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_main.py")
 SPAWN_REPLY_S = 5.0
 """How long the agent waits for the zygote to confirm a fork before falling back to a plain spawn."""
@@ -59,6 +61,7 @@ class Zygote:
             [python, "-u", ZYGOTE_MAIN, str(theirs.fileno()), *modules], pass_fds=[theirs.fileno()],
             env=dict(env), stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
         )
+        descriptors.restore_inherited(self.process.pid)  # what it forks inherits it
         theirs.close()
         threading.Thread(target=self._read, name="flashrun-zygote-read", daemon=True).start()
 

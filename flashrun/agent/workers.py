@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from flashrun import descriptors
 from flashrun.agent.output import OutputPolicy, StreamPump
 from flashrun.agent.prewarm import Zygote
 
@@ -118,6 +119,8 @@ class WorkerGroup:
             list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, preexec_fn=die_with_agent,
         )
+        if forked is None:
+            descriptors.restore_inherited(process.pid)
         pumps = [
             StreamPump(
                 process.stdout, sys.stdout.buffer if policy.console("stdout") else None, policy.prefix,  # type: ignore[arg-type]

@@ -26,12 +26,12 @@ from typing import Any
 
 import grpc
 
+from flashrun import descriptors
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
 from flashrun.agent import generation_notice
 from flashrun.agent.agent import local_agent_id
 from flashrun.config import Endpoint
-from flashrun.coordinator import descriptors
 from flashrun.coordinator import job as jobs
 from flashrun.coordinator.detector import RankReport
 from flashrun.coordinator.recovery_watch import RecoveryWatch

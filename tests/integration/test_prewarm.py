@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 from pathlib import Path
 
-from tests.helpers import PROBES, Launcher, named, wait_for
+from tests.helpers import BIN, PROBES, Launcher, free_port, named, wait_for
 
 PROBE = str(PROBES / "replacement_probe.py")
 # Differ between any two processes or runs by nature; compared by presence only.
@@ -20,11 +21,16 @@ def records(out: Path, rank: int) -> list[dict]:
     return [json.loads(path.read_text()) for path in found]
 
 
-def replacement_of_rank_1(launcher: Launcher, tmp_path: Path, *flags: str) -> tuple[dict, dict, list[dict]]:
+def replacement_of_rank_1(launcher: Launcher, tmp_path: Path, *flags: str,
+                          open_files: int | None = None) -> tuple[dict, dict, list[dict]]:
+    """`open_files`: start flashrun with this soft limit on open files."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     out.mkdir(parents=True)
-    run = launcher.flashrun("--standalone", "--nproc-per-node", "2", "--log-dir", str(logs), *flags, PROBE,
-                            str(out), "100000")
+    argv = [str(BIN / "flashrun"), "--nproc-per-node", "2", "--log-dir", str(logs), *flags, PROBE, str(out), "100000"]
+    if open_files is None:
+        run = launcher.start([argv[0], "--standalone", *argv[1:]])
+    else:
+        run = launcher.start(["bash", "-c", f"ulimit -Sn {open_files} && exec {shlex.join(argv)}"])
     wait_for(lambda: records(out, 1) and records(out, 0), 120, "both workers to start")
     wait_for(lambda: named(logs, "recoverable"), 60, "the step loop to run")
     original = records(out, 1)[0]
@@ -44,7 +50,7 @@ def comparable(record: dict) -> dict:
     keys = sorted(record["env"])
     # Both runs' own values: output directory in argv, and the random seeds every fresh process draws.
     return {**record, "env": env, "env_keys": keys, "argv": record["argv"][0], "random": None, "parent": None,
-            "torch_seed": None}
+            "parent_open_files": None, "torch_seed": None}
 
 
 def test_forked_and_spawned_replacements_are_indistinguishable(launcher: Launcher, tmp_path: Path) -> None:
@@ -63,3 +69,16 @@ def test_forked_and_spawned_replacements_are_indistinguishable(launcher: Launche
     assert forked["random"] != original["random"], "a fork must not share the zygote's random state"
     assert forked["torch_seed"] != original["torch_seed"], "nor its torch seed"
     assert launcher.survivors() == []
+
+
+def test_workers_keep_the_open_files_limit_flashrun_was_started_with(launcher: Launcher, tmp_path: Path) -> None:
+    """A job of up to 300 nodes: the coordinator raises its process's soft limit on open files (descriptors.py), and
+    the agent that shares that process starts its workers, spawned or forked, with the limit it was given."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    original, forked, fallbacks = replacement_of_rank_1(
+        launcher, tmp_path, "--nnodes", "1:300", "--rdzv-endpoint", endpoint, open_files=1024)
+
+    assert fallbacks == [], "the replacement should have been forked from the zygote"
+    assert "zygote_main.py" not in original["parent"] and original["parent_open_files"] == 300 * 4 + 256
+    assert "zygote_main.py" in forked["parent"]
+    assert (original["open_files"], forked["open_files"], forked["parent_open_files"]) == (1024, 1024, 1024)

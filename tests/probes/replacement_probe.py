@@ -7,6 +7,7 @@ Usage: replacement_probe.py OUT_DIR STEPS. Each process writes OUT_DIR/<rank>-<p
 import json
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -18,6 +19,8 @@ import flashrun
 out_dir, total = sys.argv[1], int(sys.argv[2])
 with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
     parent = handle.read().replace(b"\0", b" ").decode()
+with open(f"/proc/{os.getppid()}/limits") as handle:
+    parent_open_files = next(int(line.split()[3]) for line in handle if line.startswith("Max open files"))
 record = {
     "env": dict(os.environ),
     "argv": sys.argv,
@@ -31,6 +34,8 @@ record = {
     "torch_seed": torch.initial_seed(),
     "stdin_is_devnull": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
     "parent": parent,
+    "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    "parent_open_files": parent_open_files,
 }
 tmp = os.path.join(out_dir, f".{os.getpid()}.tmp")
 with open(tmp, "w") as handle:

@@ -1,10 +1,10 @@
-"""Unit tests for flashrun.coordinator.descriptors.plan: the coordinator's open-file limit for a job's size."""
+"""Unit tests for flashrun.descriptors.plan: the coordinator's open-file limit for a job's size."""
 
 from __future__ import annotations
 
 import resource
 
-from flashrun.coordinator.descriptors import needed, plan
+from flashrun.descriptors import needed, plan
 
 
 def test_a_soft_limit_that_suffices_is_left_alone() -> None:

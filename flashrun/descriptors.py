@@ -3,12 +3,14 @@ three connections to the job's store), more than the soft limit of 1,024 that ma
 beyond about 190 nodes. Past that, the store server and the gRPC server fail to accept connections, and agents time
 out with nothing pointing at the cause.
 
-The soft limit is raised only as far as the job needs and the hard limit allows; processes this one starts (the
-workers of the node that hosts the coordinator) inherit it.
+The soft limit is raised only as far as the job needs and the hard limit allows. The coordinator shares its process
+with the agent of the node that hosts it, whose workers would inherit the raised limit: the agent gives each process
+it starts the limit this process started with (`restore_inherited`), as torchrun's workers would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 
 DESCRIPTORS_PER_NODE = 4
@@ -34,10 +36,25 @@ def plan(nodes: int, soft: int, hard: int) -> tuple[int | None, str]:
         f"{(hard - DESCRIPTORS_SPARE) // DESCRIPTORS_PER_NODE} nodes will fail to connect")
 
 
+_inherited: tuple[int, int] | None = None
+"""The limits this process started with, once `ensure` changed them."""
+
+
 def ensure(nodes: int) -> str:
     """Raise this process's soft limit for a job of `nodes` nodes; returns a warning if it cannot be enough."""
+    global _inherited
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     new_soft, warning = plan(nodes, soft, hard)
     if new_soft is not None:
+        if _inherited is None:
+            _inherited = (soft, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
     return warning
+
+
+def restore_inherited(pid: int) -> None:
+    """Give child `pid` back the limit this process started with (nothing to do unless `ensure` raised it). The child
+    runs with the raised one for the moment between its start and this call, when it opens next to nothing."""
+    if _inherited is not None:
+        with contextlib.suppress(ProcessLookupError):  # it already exited: its exit is reported elsewhere
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, _inherited)
