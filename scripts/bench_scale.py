@@ -23,11 +23,14 @@ agent per trial, and measures:
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
 With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
+With --overlap-s it instead loses a node, then a second one that long after the first failure was detected, while
+the first recovery is still in flight, and reports whether every agent ended in the last generation.
 Everything runs on this machine, simulators included: on 2 cores the simulators compete with the coordinator, so
 latencies are upper bounds for the coordinator's own share. Prints a markdown table; run from the repository root:
 
     .venv/bin/python scripts/bench_scale.py                      # N = 8, 64, 512, 4096
     .venv/bin/python scripts/bench_scale.py --soak-s 600 --sizes 512
+    .venv/bin/python scripts/bench_scale.py --overlap-s 0.3 --sizes 512,4096
 """
 
 from __future__ import annotations
@@ -330,6 +333,41 @@ def soak(nodes: int, args: argparse.Namespace) -> None:
     print("samples (s, MB): " + ", ".join(f"{t:.0f}:{m:.1f}" for t, m in samples))
 
 
+def overlap(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A second node lost while the first loss's recovery is in flight: does the job end in one generation with every
+    agent in it, without falling back to messages, and how long after the first detection?"""
+    with tempfile.TemporaryDirectory(prefix=f"flashrun-overlap-{nodes}-") as workdir:
+        job = Job(nodes, args, workdir)
+        try:
+            job.start()
+            time.sleep(WARMUP_S)  # a benchmark's settling time, not a synchronisation
+            job.add_spare()
+            job.add_spare()
+            first, second = nodes // 2, nodes // 3
+            for simulator in job.simulators:
+                simulator.send(f"drop {first}")
+            wait_for(lambda: job.events("failure"), "the first failure")
+            time.sleep(args.overlap_s)  # the point of the measurement: a loss this long into the recovery
+            for simulator in job.simulators:
+                simulator.send(f"drop {second}")
+            wait_for(lambda: len(job.events("failure")) >= 2, "the second failure")
+            failures = job.events("failure")
+            final = failures[1]["generation"] + 1
+            recovered = wait_for(lambda: [e for e in job.events("recovered") if e["generation"] == final],
+                                 f"generation {final}'s recovery")[0]
+            rendezvous = wait_for(lambda: job.phase(final, "rendezvous"), f"generation {final}'s rendezvous")
+            return {"nodes": nodes, "second_after_first_s": failures[1]["ts"] - failures[0]["ts"],
+                    "generations": [f["generation"] + 1 for f in failures],
+                    "recovered_generations": sorted({e["generation"] for e in job.events("recovered")}),
+                    "rendezvous_s": rendezvous["since_detection_s"], "recovered_s": recovered["since_detection_s"],
+                    "agents_in_final": sum(1 for s in job.simulators for r in s.matching("rebuilt")
+                                           if r["generation"] == final),
+                    "fallbacks": len(job.events("notice_fallback")),
+                    "escalated": len([f for f in job.events("failure") if f["kind"] == "escalated"])}
+        finally:
+            job.close()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -344,10 +382,27 @@ def main() -> None:
     parser.add_argument("--no-store", action="store_true", help="skip the nodes' store barrier on recovery")
     parser.add_argument("--soak-s", type=float, default=0.0, help="instead: run one size this long, sample memory")
     parser.add_argument("--soak-sample-s", type=float, default=10.0)
+    parser.add_argument("--overlap-s", type=float, default=None,
+                        help="instead: per size, lose a second node this long after the first loss was detected")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.soak_s > 0:
         soak(sizes[0], args)
+        return
+    if args.overlap_s is not None:
+        print(f"\n`{' '.join(['scripts/bench_scale.py', *sys.argv[1:]])}`: a node dropped, then a second one "
+              f"{args.overlap_s:g} s after the first failure was detected. Times are since the detection that began "
+              "the recovery: the first one when the second loss came while the first recovery was in flight")
+        print("\n| nodes x ranks | second failure after the first | first recovery in flight | generations started | "
+              "generations recovered | control-plane recovery of the last | every rank reported | "
+              "agents in the last generation | notice fallbacks | escalations |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for nodes in sizes:
+            r = overlap(nodes, args)
+            in_flight = "yes" if r["generations"][0] not in r["recovered_generations"] else "no (it had recovered)"
+            print(f"| {nodes} x {args.nproc} | {r['second_after_first_s']:.3f} s | {in_flight} | {r['generations']} | "
+                  f"{r['recovered_generations']} | {r['rendezvous_s']:.3f} s | {r['recovered_s']:.3f} s | "
+                  f"{r['agents_in_final']} of {nodes} | {r['fallbacks']} | {r['escalated']} |", flush=True)
         return
     results = [measure(n, args) for n in sizes]
     base = results[0]
