@@ -259,6 +259,11 @@ class FailureDetector:
         """Every rank's latest report: O(world), for decisions taken once per failure, not per summary."""
         return {rank: state.report for rank, state in self._ranks.items()}
 
+    def finished_ranks(self) -> set[int]:
+        """The ranks that said their step loop is over: O(ranks of the nodes that have one), none in most jobs."""
+        return {rank for node_rank in self._finished_nodes for rank in self._nodes[node_rank].ranks
+                if (state := self._ranks.get(rank)) is not None and state.report.finished}
+
     def last_report(self, rank: int) -> RankReport | None:
         state = self._ranks.get(rank)
         return state.report if state else None

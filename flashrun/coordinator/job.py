@@ -213,6 +213,10 @@ class Event:
 class Output:
     commands: list[Command] = dataclasses.field(default_factory=list)
     events: list[Event] = dataclasses.field(default_factory=list)
+    retired: object = None
+    """State the job let go of, freed with the Output once the shell has carried out its commands: a recovery's
+    previous failure detector holds an object or more per rank, and freeing them (about 12 ms at 4,096 nodes)
+    before the notice went out would delay every agent by as much."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -667,8 +671,7 @@ class Job:
     def _can_recover(self, failed: set[int]) -> bool:
         # Healthy ranks whose loop is over cannot take part in a rebuild: a failure that late is not recovered in
         # place. (The failed ranks themselves may have said "finished" on their way out.)
-        done = bool(self._succeeded) or (self.detector is not None and any(
-            r.finished for rank, r in self.detector.reports().items() if rank not in failed))
+        done = bool(self._succeeded) or (self.detector is not None and bool(self.detector.finished_ranks() - failed))
         return self._recoverable_job and self.recoveries < self.spec.max_recoveries and not done
 
     def _handle_failure(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
@@ -719,6 +722,7 @@ class Job:
             a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
         }
         previous = self.detector.recent_step_s if self.detector else ()
+        out.retired = self.detector
         self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous, generation=self.generation)
         for rank in ranks:
             self._replacements[rank] = self._replacements.get(rank, 0) + 1

@@ -195,6 +195,26 @@ def test_crash_in_a_recoverable_job_starts_an_in_place_recovery() -> None:
     assert "rank 3 (local rank 1) on node 1 (host-a1) exited with code 3" in started.fields["cause"]
 
 
+def test_crash_after_another_rank_finished_its_loop_takes_the_full_restart_path() -> None:
+    """A rank whose loop is over cannot take part in a rebuild."""
+    job = recoverable_job()
+    summaries(job, now=2.0, step=11, ranks={0: {"finished": True}})
+
+    out = exit_of(job, 3, now=CRASH_AT)
+
+    assert job.phase is Phase.STOPPING
+    assert commands_of(out, Recover) == []
+
+
+def test_crash_of_a_rank_that_said_finished_on_its_way_out_is_recovered_in_place() -> None:
+    job = recoverable_job()
+    summaries(job, now=2.0, step=11, ranks={3: {"finished": True}})
+
+    exit_of(job, 3, now=CRASH_AT)
+
+    assert job.phase is Phase.RECOVERING
+
+
 def test_recovery_sends_one_recover_per_member_respawning_only_the_crashed_rank() -> None:
     job = recoverable_job()  # no agent said it watches the store: each is told directly
 

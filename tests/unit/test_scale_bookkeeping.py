@@ -120,3 +120,14 @@ def test_large_jobs_space_their_summaries_to_fit_the_coordinators_budget() -> No
     assert detection.summary_interval_s(4096) == 4096 / detection.summary_budget_per_s
     assert detection.node_timeout_for(4096) == detection.node_timeout_s  # 4 intervals still fit in 10 s
     assert detection.node_timeout_for(100_000) == 4 * 100_000 / detection.summary_budget_per_s
+
+
+def test_a_recovery_hands_the_previous_detector_back_to_be_freed_after_its_commands() -> None:
+    """Freeing an object or more per rank takes milliseconds at scale: not before the notice is published."""
+    job = recoverable_job()
+    previous = job.detector
+
+    out = exit_of(job, 3, now=CRASH_AT)
+
+    assert out.retired is previous
+    assert job.detector is not previous and job.detector is not None
