@@ -199,10 +199,9 @@ def workers_by_rank(launcher: Launcher) -> dict[int, int]:
     return found
 
 
-def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
-                                                          reference: dict) -> None:
-    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery; the recovery
-    reaches both agents through one notice on the store, which each acknowledges there."""
+def two_watching_nodes(launcher: Launcher, tmp_path: Path) -> tuple[Launch, Launch, Path, Path]:
+    """Two launchers of two ranks each, node 0 hosting the coordinator (its log dir), trained past step 10, the job
+    known recoverable and both agents watching the store for notices: (node0, node1, logs, out)."""
     logs, out = tmp_path / "logs", tmp_path / "out.pt"
     endpoint = f"127.0.0.1:{free_port()}"
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
@@ -212,6 +211,14 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
     wait_for(lambda: reached(node0, 10), 120, "step 10")
     wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
     wait_for(lambda: status(launcher, node0, logs)["watching_nodes"] == 2, 60, "both agents to watch the store")
+    return node0, node1, logs, out
+
+
+def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
+                                                          reference: dict) -> None:
+    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery; the recovery
+    reaches both agents through one notice on the store, which each acknowledges there."""
+    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path)
     before = workers_by_rank(launcher)
     env = environ(before[0])
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
@@ -237,15 +244,7 @@ def test_an_agent_that_misses_the_notice_is_told_directly(launcher: Launcher, tm
     """Node 1's agent is stopped (SIGSTOP) when node 0 loses a worker: it cannot act on the notice, so after
     JobSpec.notice_fallback_s the coordinator sends it a Recover. Resumed, the agent has both the notice and the
     Recover for the same generation; it acts once and the job finishes with nothing lost."""
-    logs, out = tmp_path / "logs", tmp_path / "out.pt"
-    endpoint = f"127.0.0.1:{free_port()}"
-    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
-    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *train_args(out), name="node0")
-    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
-    node1 = launcher.flashrun(*common, "--node-rank", "1", *train_args(out), name="node1")
-    wait_for(lambda: reached(node0, 10), 120, "step 10")
-    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
-    wait_for(lambda: status(launcher, node0, logs)["watching_nodes"] == 2, 60, "both agents to watch the store")
+    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path)
     victim = workers_by_rank(launcher)[1]  # on node 0
     node1.signal(signal.SIGSTOP)
     try:
