@@ -55,6 +55,7 @@ def ensure(nodes: int) -> str:
 def restore_inherited(pid: int) -> None:
     """Give child `pid` back the limit this process started with (nothing to do unless `ensure` raised it). The child
     runs with the raised one for the moment between its start and this call, when it opens next to nothing."""
-    if _inherited is not None:
+    prlimit = getattr(resource, "prlimit", None)  # Linux only
+    if _inherited is not None and prlimit is not None:
         with contextlib.suppress(ProcessLookupError):  # it already exited: its exit is reported elsewhere
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, _inherited)
+            prlimit(pid, resource.RLIMIT_NOFILE, _inherited)
