@@ -22,7 +22,8 @@ agent per trial, and measures:
   processes' CPU time (where the 2 cores went);
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
-With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth).
+With --soak-s it instead runs one size for that long and samples the coordinator's memory (for unbounded growth);
+with --soak-losses as well, a node is lost (a spare takes over) and recovered before each sample.
 With --overlap-s it instead loses a node, then a second one that long after the first failure was detected, while
 the first recovery is still in flight, and reports whether every agent ended in the last generation.
 Everything runs on this machine, simulators included: on 2 cores the simulators compete with the coordinator, so
@@ -30,6 +31,7 @@ latencies are upper bounds for the coordinator's own share. Prints a markdown ta
 
     .venv/bin/python scripts/bench_scale.py                      # N = 8, 64, 512, 4096
     .venv/bin/python scripts/bench_scale.py --soak-s 600 --sizes 512
+    .venv/bin/python scripts/bench_scale.py --soak-s 600 --sizes 512 --soak-losses
     .venv/bin/python scripts/bench_scale.py --overlap-s 0.3 --sizes 512,4096
 """
 
@@ -159,7 +161,8 @@ class Job:
                     "RES_OPTIONS": "timeout:1 attempts:1"}
         self.coordinator = subprocess.Popen(
             [str(BIN / "flashrun"), "coordinator", "--bind", f"127.0.0.1:{self.port}",
-             "--nnodes", f"{nodes}:{nodes + args.trials * 2}", "--rdzv-id", "scale", "--log-dir", workdir,
+             "--nnodes", f"{nodes}:{nodes + max(args.trials * 2, soak_losses(args))}", "--rdzv-id", "scale",
+             "--log-dir", workdir,
              # Simulated ranks are not coupled by collectives: a frozen node would only stall the job's slowest
              # step, which the stall check (3 s floor) would report before the node timeout (10 s) it measures.
              "--stall-timeout", str(STALL_TIMEOUT_S)],
@@ -210,10 +213,11 @@ class Job:
         wait_for(lambda: sum(len(m.matching("started")) for m in members) == self.nodes,
                  f"{self.nodes} agents to start")
 
-    def add_spare(self) -> None:
-        self._spares += 1
-        spare = self.simulate(1, self._spares, "spare")
-        wait_for(lambda: spare.matching("spare"), "the spare to join")
+    def add_spare(self, count: int = 1) -> None:
+        """`count` spare agents, in one simulator process."""
+        spare = self.simulate(count, self._spares + 1, "spare")
+        self._spares += count
+        wait_for(lambda: len(spare.matching("spare")) == count, f"{count} spare(s) to join")
 
     def lose_node(self, how: str, node: int) -> dict[str, float]:
         """Freeze or drop one member node; returns the detection and recovery figures."""
@@ -310,15 +314,24 @@ def measure(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             job.close()
 
 
+def soak_losses(args: argparse.Namespace) -> int:
+    """With --soak-losses: one node lost per memory sample, each taken over by a spare."""
+    return math.ceil(args.soak_s / args.soak_sample_s) if args.soak_s > 0 and args.soak_losses else 0
+
+
 def soak(nodes: int, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=f"flashrun-soak-{nodes}-") as workdir:
         job = Job(nodes, args, workdir)
         try:
             job.start()
+            if soak_losses(args):
+                job.add_spare(soak_losses(args))
             samples = []
             started = time.monotonic()
             cpu0 = cpu_seconds(job.coordinator.pid)
             while time.monotonic() - started < args.soak_s:
+                if soak_losses(args):  # recovered before the sample is taken
+                    job.lose_node("drop", len(samples))
                 samples.append((time.monotonic() - started, rss_mb(job.coordinator.pid)))
                 time.sleep(args.soak_sample_s)
             cpu = (cpu_seconds(job.coordinator.pid) - cpu0) / (time.monotonic() - started)
@@ -326,8 +339,9 @@ def soak(nodes: int, args: argparse.Namespace) -> None:
             job.close()
     half = len(samples) // 2
     first, second = [m for _, m in samples[:half]], [m for _, m in samples[half:]]
+    losses = f", a node lost and recovered before each sample ({len(samples)} recoveries)" if soak_losses(args) else ""
     print(f"\nSoak: {nodes} nodes x {args.nproc} ranks for {args.soak_s:g} s; coordinator RSS sampled every "
-          f"{args.soak_sample_s:g} s; CPU {100 * cpu:.1f}% of one core")
+          f"{args.soak_sample_s:g} s{losses}; CPU {100 * cpu:.1f}% of one core")
     print(f"RSS MB: start {samples[0][1]:.1f}, end {samples[-1][1]:.1f}, max {max(m for _, m in samples):.1f}; "
           f"median first half {statistics.median(first):.1f}, second half {statistics.median(second):.1f}")
     print("samples (s, MB): " + ", ".join(f"{t:.0f}:{m:.1f}" for t, m in samples))
@@ -382,6 +396,8 @@ def main() -> None:
     parser.add_argument("--no-store", action="store_true", help="skip the nodes' store barrier on recovery")
     parser.add_argument("--soak-s", type=float, default=0.0, help="instead: run one size this long, sample memory")
     parser.add_argument("--soak-sample-s", type=float, default=10.0)
+    parser.add_argument("--soak-losses", action="store_true",
+                        help="during the soak, lose a node (a spare takes over) before each sample")
     parser.add_argument("--overlap-s", type=float, default=None,
                         help="instead: per size, lose a second node this long after the first loss was detected")
     args = parser.parse_args()
