@@ -25,7 +25,10 @@ COORDINATOR_LINGER_S = 10.0
 """After the job ends, how long the hosting launcher waits for other agents to read their Shutdown."""
 GRPC_PROBE_S = 2.0
 """When our coordinator's port is taken, how long to wait for an existing coordinator there to answer."""
-CONSOLE_EVENTS = {"failure", "straggler", "restarting", "job_failed", "agent_rejected"}
+CONSOLE_EVENTS = {"failure", "straggler", "restarting", "job_failed", "agent_rejected", "descriptor_limit",
+                  "notice_failed", "notice_fallback"}
+"""Printed even without --log-dir or a job view: failures, and what the user may have to act on (a hard limit on
+open files too low for the job; a recovery that could not go through the store)."""
 
 
 class EventLog:

@@ -146,3 +146,22 @@ def test_rdzv_port_in_use(launcher: Launcher, tmp_path: Path) -> None:
     line = run.error_line()
     assert str(port) in line and "in use" in line
     assert launcher.survivors() == []
+
+
+def test_a_hard_limit_on_open_files_too_low_for_the_job_is_said_in_one_line(launcher: Launcher,
+                                                                              tmp_path: Path) -> None:
+    """--nnodes 1:300 needs about 1,456 open files in the coordinator's process; with a hard limit of 1,100 the job
+    still runs, and one line on stderr says what to raise and how far the job can grow."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stderr_path = tmp_path / "flashrun.stderr"
+    argv = [str(BIN / "flashrun"), "--nnodes", "1:300", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", PROBE,
+            str(out)]
+    run = Run(launcher.start(["sh", "-c", 'ulimit -n 1100 && exec "$@" 2>"$0"', str(stderr_path), *argv]),
+              stderr_path)
+    assert run.wait(120) == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    warnings = [line for line in run.stderr.splitlines() if "descriptor_limit" in line]
+    assert len(warnings) == 1, run.stderr
+    assert "hard limit is 1100" in warnings[0] and "ulimit -Hn" in warnings[0] and "about 211 nodes" in warnings[0]
+    assert (out / "0.json").exists()
+    assert launcher.survivors() == []
