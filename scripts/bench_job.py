@@ -3,7 +3,7 @@ driven in this process at N nodes of --nproc ranks.
 
 For each N it measures, as medians over --reps runs:
 - per summary: `Job.node_summary` for one node of a running job (what every one of the ~1,700 summaries a second
-  costs the coordinator besides gRPC; it should not grow with N);
+  costs the coordinator besides gRPC: O(ranks of one node), so no more than cache effects as N grows);
 - per check: `Job.tick` while nothing is wrong (20 a second);
 - detection -> notice: a node's stream breaks (`Job.disconnect`) with a spare standing by, until the job has returned
   the new generation's `Publish` command: the coordinator's own share of the critical path of a recovery, before a
