@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import hmac
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flashrun.config import PROTOCOL_VERSION, Detection
@@ -275,7 +275,9 @@ class Job:
         self._failed_ranks: set[int] = set()
         self._lost_nodes: set[int] = set()
         self._stragglers: set[int] = set()
-        self.detector: FailureDetector | None = None
+        self._detector: FailureDetector | None = None
+        self._next_detector: Callable[[], FailureDetector] | None = None
+        """A recovery's new detector, built once the notice is out (`settle`) or when first needed."""
         self.recoveries = 0
         self._pids: dict[int, int] = {}
         """Each rank's current process, across generations (a recovery keeps most of them)."""
@@ -301,6 +303,23 @@ class Job:
         self._rendezvous_pending: float | None = None
         """When the failure the current generation recovers from was detected, until its barrier was released (the
         coordinator may hear of the release after the ranks' reports, so this outlives the RECOVERING phase)."""
+
+    @property
+    def detector(self) -> FailureDetector | None:
+        if self._next_detector is not None:
+            build, self._next_detector = self._next_detector, None
+            self._detector = build()
+        return self._detector
+
+    @detector.setter
+    def detector(self, detector: FailureDetector | None) -> None:
+        self._next_detector = None
+        self._detector = detector
+
+    def settle(self) -> None:
+        """Build what a recovery left for after its notice: the new generation's detector, O(ranks). The shell calls
+        this once it has published; any input that needs the detector first builds it itself."""
+        _ = self.detector
 
     @property
     def world_size(self) -> int:
@@ -662,10 +681,8 @@ class Job:
 
     def _start_command(self, now: float) -> StartGeneration:
         self._pids.clear()  # every process is new: a late exit of the old ones must not count
-        ranks_by_node = {
-            a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
-        }
-        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, generation=self.generation)
+        self.detector = FailureDetector(self.spec.detection, _ranks_by_node(self.assignments.values()), now,
+                                        generation=self.generation)
         return StartGeneration(self.generation, self.world_size, len(self.assignments), dict(self.assignments))
 
     def _can_recover(self, failed: set[int]) -> bool:
@@ -718,12 +735,13 @@ class Job:
         self._stragglers.clear()
         out.events.append(Event("recovery_started", self.generation, {
             "kind": cause.kind, "ranks": sorted(ranks), "cause": cause.describe(), "recoveries": self.recoveries}))
-        ranks_by_node = {
-            a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in self.assignments.values()
-        }
         previous = self.detector.recent_step_s if self.detector else ()
         out.retired = self.detector
-        self.detector = FailureDetector(self.spec.detection, ranks_by_node, now, previous, generation=self.generation)
+        # Building the new detector is O(ranks) (5-10 ms at 4,096 nodes), and nothing an agent does needs it before
+        # the notice is out: it is built then, from this moment's state (`settle`).
+        assignments, generation = tuple(self.assignments.values()), self.generation
+        self._detector, self._next_detector = None, lambda: FailureDetector(
+            self.spec.detection, _ranks_by_node(assignments), now, previous, generation=generation)
         for rank in ranks:
             self._replacements[rank] = self._replacements.get(rank, 0) + 1
         # One Recover per agent, built in O(nodes + failed ranks): this runs for thousands of nodes at once.
@@ -944,3 +962,7 @@ class Job:
         assert self.exit_code is not None
         for agent_id in [*self.members, *self.spares]:
             out.commands.append(Shutdown(agent_id, self.exit_code, self.summary))
+
+
+def _ranks_by_node(assignments: Iterable[NodeAssignment]) -> dict[int, range]:
+    return {a.node_rank: range(a.rank_offset, a.rank_offset + a.local_world_size) for a in assignments}

@@ -365,7 +365,10 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
 
     def _apply(self, output: jobs.Output) -> None:
         """Carry out the job's commands; called with the lock held so their order is the job's order."""
-        for event in output.events:
+        # A recovery's notice goes out before anything else: every agent is waiting for it, and the events (a file
+        # write and flush each, a console line for a failure) can follow.
+        publish_failures = [self._publish(c) for c in output.commands if isinstance(c, jobs.Publish)]
+        for event in [*output.events, *(failure for failure in publish_failures if failure is not None)]:
             self._emit(event)
         settle = False
         for command in output.commands:
@@ -391,8 +394,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                                               command.nnodes, self._stores[-1].port),
                 )))
             elif isinstance(command, jobs.Publish):
-                settle = True
-                self._publish(command)
+                settle = True  # published above
             elif isinstance(command, jobs.Shutdown):
                 self._send(command.agent_id, pb.CoordinatorMessage(
                     shutdown=pb.Shutdown(exit_code=command.exit_code, summary=command.summary)))
@@ -403,7 +405,8 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                     rank=command.rank or 0,
                 )))
         if settle:
-            _settle_heap()  # the new generation's detector is built: it lives until the next failure
+            self._job.settle()  # the new generation's detector, left until the notice was out
+            _settle_heap()  # it lives until the next failure
             self._pause_collector()
 
     def _emit(self, event: jobs.Event) -> None:
@@ -412,8 +415,9 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         if event.name in ("job_succeeded", "job_failed") and self._on_finished is not None:
             self._on_finished()
 
-    def _publish(self, command: jobs.Publish) -> None:
-        """One store operation for every watching agent, whatever their number; the rest got a Recover message."""
+    def _publish(self, command: jobs.Publish) -> jobs.Event | None:
+        """One store operation for every watching agent, whatever their number; the rest get a Recover message.
+        Returns the `notice_failed` event when the store refused it (the job then falls back to messages)."""
         store = self._stores[-1]
         notice = pb.GenerationNotice(
             generation=command.generation, direct_nodes=command.direct_nodes, acks_expected=command.acks_expected,
@@ -423,10 +427,10 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         try:
             generation_notice.publish(store, notice)
         except Exception as err:  # noqa: BLE001 - the job falls back to Recover messages (JobSpec.notice_fallback_s)
-            self._emit(jobs.Event("notice_failed", command.generation, {"detail": str(err)}))
-            return
+            return jobs.Event("notice_failed", command.generation, {"detail": str(err)})
         if self._watch is not None:
             self._watch.follow(store.port, command.generation, command.acks_expected > 0)
+        return None
 
     def _pause_collector(self) -> None:
         """No cyclic collection while a recovery is under way (see GC_THRESHOLDS); reference counting goes on."""
