@@ -14,10 +14,10 @@ message until then (regular summaries go on). The barrier is the real one, as a 
 ranks arrived (flashrun/agent/node_barrier.py): one arrival and one blocking wait per node
 (flashrun/agent/store_barrier.py). Without --store an agent does not watch: every recovery reaches it as a Recover.
 
-Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising and watching but
-keeps its stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node). Every observation is one
-JSON line on stdout: {"event": "started"|"silenced"|"noticed"|"rebuilt"|..., "ts": unix time, ...} ("noticed": one
-per batch of notices a simulator process handed its agents).
+Used by scripts/bench_scale.py. Control lines on stdin: `silence NODE` (the agent stops summarising, watching and
+acting on messages but keeps its stream open: a frozen node), `drop NODE` (the agent's stream breaks: a dead node).
+Every observation is one JSON line on stdout: {"event": "started"|"silenced"|"noticed"|"rebuilt"|..., "ts": unix
+time, ...} ("noticed": one per batch of notices a simulator process handed its agents).
 """
 
 from __future__ import annotations
@@ -291,6 +291,11 @@ class SimulatedAgent:
                     self._summaries.cancel()
 
     async def _handle(self, message: pb.CoordinatorMessage) -> bool:
+        if self.silent:
+            # A frozen node acts on nothing, the Shutdown that follows its replacement included. (Acting on it closed
+            # the agent's channel in this process's event loop just as the notice arrived, and held up this
+            # process's other agents by about 15 ms: 21-28 ms recoveries at 8 nodes instead of 6-8 ms.)
+            return False
         kind = message.WhichOneof("body")
         if kind == "start":
             self._place(message.start)
