@@ -129,10 +129,14 @@ def test_after_a_store_move_only_the_new_stores_notices_are_heard(server: Any, a
 
     generation_notice.publish(server, notice(1))  # wakes the old store's watch, which must drop it and end
     wait_for(lambda: not old_watch.is_alive(), DEADLINE_S, "the old store's watch to end")
+    (new_watch,) = watch_threads() - earlier
     generation_notice.publish(moved, notice(6))
 
     assert agent.next_notice().generation == 6
     assert agent.notices.empty()
+    agent.barrier.close()
+    generation_notice.publish(moved, notice(7))  # the closed watch wakes and ends before its store goes
+    wait_for(lambda: not new_watch.is_alive(), DEADLINE_S, "the closed watch to end")
     del moved
 
 
@@ -179,3 +183,4 @@ def test_a_release_is_heard_while_acknowledgements_are_still_missing(server: Any
 
     store_barrier.GenerationBarrier(client(server), client(server), 1, 1).arrive()  # one agent never acknowledges
     assert heard.get(timeout=DEADLINE_S) == ("released", 1, "complete")
+    generation_notice.publish(server, notice(2, acks=0))  # ends the wait for the acknowledgements before the store goes
