@@ -128,8 +128,22 @@ class Run:
         assert link is not None
         link.set_command_handler(self.aborter.command)
         self._link = link
-        join_generation(self._store, link, self.generation, self.rank, self.world_size, self.backend, self.aborter,
-                        GENERATION_BARRIER_S)
+        while True:
+            try:
+                join_generation(self._store, link, self.generation, self.rank, self.world_size, self.backend,
+                                self.aborter, GENERATION_BARRIER_S)
+                break
+            except Superseded:
+                # A replacement can be spawned for a generation that another failure supersedes before it formed:
+                # it joins the newer one, as every other rank does. (Exiting counted as a crash and started yet
+                # another recovery, which superseded the next replacement in turn: a crash loop, seen in CI.)
+                if not self._replacement_spawned_at:
+                    raise
+                newer = self.aborter.wait_for_generation(self.generation, RECOVERY_WAIT_S)
+                if newer is None:
+                    raise Unrecoverable(f"rank {self.rank}: generation {self.generation} was superseded, but no "
+                                        f"newer one came within {RECOVERY_WAIT_S:g} s") from None
+                self.generation = newer
         if not self._replacement_spawned_at:
             progress.generation = self.generation
 

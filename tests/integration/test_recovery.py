@@ -260,6 +260,36 @@ def test_an_agent_that_misses_the_notice_is_told_directly(launcher: Launcher, tm
     assert_same_model(out, reference[4], node0.output, 4)
 
 
+def test_a_replacement_superseded_before_its_group_formed_joins_the_newer_generation(
+        launcher: Launcher, tmp_path: Path, reference: dict) -> None:
+    """Node 1's agent is stopped, so generation 1's barrier cannot complete: rank 1's replacement waits in its
+    `flashrun.init()`. Rank 0 is then killed too, and generation 2 supersedes generation 1 under the replacement. It
+    must join generation 2 like every other rank; exiting counted as a crash, whose recovery superseded the next
+    replacement in turn (a crash loop up to --max-recoveries, seen in CI)."""
+    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path)
+    before = workers_by_rank(launcher)
+    env = environ(before[0])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    node1.signal(signal.SIGSTOP)
+    try:
+        os.kill(before[1], signal.SIGKILL)  # node 0
+        wait_for(lambda: int(store.add("flashrun/g1/acked", 0)) >= 1, 60, "node 0 to act on generation 1")
+        # Rank 1's replacement was started for generation 1 (its agent reports its PID); it cannot get past its
+        # barrier, which waits for node 1.
+        wait_for(lambda: pids(launcher, node0, logs).get(1, before[1]) != before[1], 60, "rank 1's replacement",
+                 poll_s=0.5)
+        os.kill(before[0], signal.SIGKILL)  # node 0's other rank
+        wait_for(lambda: [e for e in named(logs, "recovery_started") if e["generation"] == 2], 60, "generation 2")
+    finally:
+        node1.signal(signal.SIGCONT)
+    wait_for(lambda: [e for e in named(logs, "recovered") if e["generation"] == 2], 60, "generation 2's recovery")
+    finish(launcher, node0, logs)
+    assert node1.wait(60) == 0, node1.output
+    assert [(f["kind"], f["ranks"]) for f in named(logs, "failure")] == [("crash", [1]), ("crash", [0])]
+    assert_same_model(out, reference[4], node0.output, 4)
+
+
 CHECKPOINT = str(REPO / "tests" / "probes" / "checkpoint_probe.py")
 
 
