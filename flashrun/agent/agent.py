@@ -384,11 +384,12 @@ class Agent:
         while not self._finished.is_set():
             urgent = self._summary_now.wait(self._pacer.wait_s(time.monotonic()))
             self._summary_now.clear()
+            now = time.monotonic()
+            counted_from = self._pacer.look(now)
             workers, board = self._workers, self._board
             if workers is None or board is None or self._finished.is_set():
                 continue
-            now = time.monotonic()
-            summary = board.summary(workers.generation, workers.pids_by_local_rank, now)
+            summary = board.summary(workers.generation, workers.pids_by_local_rank, now, counted_from)
             summary.watching = self._barrier.watching
             if self._pacer.should_send(now, urgent, {r.pid: r.heartbeat_age_s for r in summary.ranks}):
                 self._outbox.put(pb.AgentMessage(summary=summary))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import queue
 import threading
@@ -109,7 +110,9 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
             for pid in pids:
                 self._beats.pop(pid, None)
 
-    def summary(self, generation: int, pids: dict[int, int], now: float) -> pb.NodeSummary:
+    def summary(self, generation: int, pids: dict[int, int], now: float,
+                counted_from: float = -math.inf) -> pb.NodeSummary:
+        """`counted_from`: heartbeat ages count from no earlier than this (SummaryPacer.look)."""
         with self._lock:
             beats = dict(self._beats)
         ranks = []
@@ -120,7 +123,8 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
                 continue
             beat = last.beat
             ranks.append(pb.RankProgress(
-                local_rank=local_rank, pid=pid, step=beat.step, heartbeat_age_s=now - last.received_at,
+                local_rank=local_rank, pid=pid, step=beat.step,
+                heartbeat_age_s=now - max(last.received_at, counted_from),
                 in_collective=beat.in_collective, collective=beat.collective, collective_seq=beat.collective_seq,
                 generation=beat.generation, recoverable=beat.recoverable, finished=beat.finished,
                 recovery=beat.recovery if beat.HasField("recovery") else None,

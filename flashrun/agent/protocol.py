@@ -3,8 +3,15 @@ benchmark (scripts/sim_agents.py): the messages an agent sends, and when it send
 
 from __future__ import annotations
 
+import math
+
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun.config import PROTOCOL_VERSION, Detection
+
+OWN_STALL_FRACTION = 0.5
+"""An agent looks at its workers every heartbeat interval. A look that comes later than that by more than this
+fraction of the rest of the heartbeat timeout means the agent itself did not run (stopped, starved, its machine
+paused): the beats its workers sent meanwhile are still unread, so their heartbeat ages count only from that look."""
 
 
 def join_message(run_id: str, token: str, node_rank: int | None, hostname: str, local_world_size: int,
@@ -38,6 +45,8 @@ class SummaryPacer:
         self.heartbeat_timeout_s = defaults.heartbeat_timeout_s
         self._next_due = 0.0
         self._silent: set[int] = set()
+        self._looked_at: float | None = None
+        self._running_since = -math.inf
 
     def configure(self, detection: pb.Detection) -> None:
         """Take the settings the coordinator sent with StartWorkers or Recover (zeros: keep the current ones)."""
@@ -46,6 +55,16 @@ class SummaryPacer:
         self.summary_interval_s = max(detection.summary_interval_s, self.heartbeat_interval_s)
         if detection.heartbeat_timeout_s > 0:
             self.heartbeat_timeout_s = detection.heartbeat_timeout_s
+
+    def look(self, now: float) -> float:
+        """The agent looks at its workers at `now`; returns the moment from which their heartbeat ages count (-inf
+        unless the agent itself stalled: after a SIGSTOP its workers' unread beats must not make them look silent)."""
+        interval, timeout = self.heartbeat_interval_s, self.heartbeat_timeout_s
+        allowed = interval + OWN_STALL_FRACTION * (timeout - interval)
+        if self._looked_at is not None and now - self._looked_at > allowed:
+            self._running_since = now
+        self._looked_at = now
+        return self._running_since
 
     def wait_s(self, now: float) -> float:
         """How long to sleep before looking again: silent workers are looked for every heartbeat interval."""

@@ -3,6 +3,7 @@ acknowledgement of a recovery, and the agent-side summary pacing. Pure: time is 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -118,6 +119,29 @@ def test_summaries_are_paced_by_the_interval_unless_a_worker_falls_silent() -> N
     assert not pacer.should_send(1.35, urgent=False, ages={1: 2.35, 2: 0.2})  # already reported
     assert pacer.should_send(1.5, urgent=True, ages=healthy)
     assert pacer.should_send(3.5, urgent=False, ages=healthy)  # the interval elapsed
+
+
+def test_an_agent_that_did_not_run_counts_its_workers_silence_only_from_when_it_runs_again() -> None:
+    """An agent resumed after a SIGSTOP has not yet read the beats its workers sent meanwhile: reporting their ages
+    then made a healthy worker look unresponsive (seen in CI). A worker really silent is still found, a timeout
+    after the agent runs again."""
+    pacer = SummaryPacer()
+    pacer.configure(pb.Detection(heartbeat_interval_s=0.25, summary_interval_s=10.0, heartbeat_timeout_s=2.0))
+    last_beat = 10.0
+
+    def ages(now: float, counted_from: float) -> dict[int, float]:  # as the agent's HeartbeatBoard reports them
+        return {1: now - max(last_beat, counted_from)}
+
+    assert pacer.should_send(10.0, urgent=False, ages=ages(10.0, pacer.look(10.0)))  # the first one; next at 20 s
+    assert pacer.look(10.25) == pacer.look(11.0) == -math.inf  # on time, or late by less than 1.125 s
+    resumed = pacer.look(16.0)  # the agent was stopped for 5 s
+    assert resumed == 16.0
+    assert ages(16.0, -math.inf)[1] > 2.0  # what it reported before
+    assert not pacer.should_send(16.0, urgent=False, ages=ages(16.0, resumed))
+    assert [pacer.look(16.0 + 0.25 * n) for n in range(1, 7)] == [resumed] * 6  # looking again every interval
+    assert not pacer.should_send(17.5, urgent=False, ages=ages(17.5, resumed))
+    assert pacer.look(17.75) == pacer.look(18.0) == pacer.look(18.1) == resumed
+    assert pacer.should_send(18.1, urgent=False, ages=ages(18.1, resumed))  # silent 2.1 s since the agent resumed
 
 
 def test_large_jobs_space_their_summaries_to_fit_the_coordinators_budget() -> None:
