@@ -299,6 +299,12 @@ class FailureDetector:
                 fresh.append(failure)
         return fresh
 
+    def after_own_pause(self, now: float) -> None:
+        """The coordinator itself did not run until `now`: what the agents sent meanwhile is still unread, so nodes'
+        silence and the job's idleness count from `now`, and nobody is blamed for the gap. O(nodes), once a pause."""
+        self._node_seen = dict.fromkeys(self._node_seen, now)
+        self._job_step_at = max(self._job_step_at, now)
+
     def _lost_nodes(self, now: float) -> list[Detected]:
         timeout = self._node_timeout_s
         if not self._node_seen or now - min(self._node_seen.values()) <= timeout:

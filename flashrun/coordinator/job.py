@@ -513,6 +513,20 @@ class Job:
         out.commands.append(self._start_command(now))
         return out
 
+    def paused(self, paused_s: float, now: float) -> Output:
+        """The coordinator itself did not run for `paused_s` until `now` (stopped, starved, its machine paused). What
+        its agents sent meanwhile is still unread: nodes' silence, the job's idleness and the job's own deadlines
+        count from now, not from before the pause."""
+        if self.detector is not None:
+            self.detector.after_own_pause(now)
+        if self._recovery_deadline is not None:
+            self._recovery_deadline += paused_s
+        if self._notice_fallback_at is not None:
+            self._notice_fallback_at += paused_s
+        if self._stop_deadline is not None:
+            self._stop_deadline += paused_s
+        return Output(events=[Event("coordinator_paused", self.generation, {"paused_s": round(paused_s, 3)})])
+
     def tick(self, now: float) -> Output:
         out = Output()
         if self.phase in (Phase.RUNNING, Phase.RECOVERING) and self.detector is not None:

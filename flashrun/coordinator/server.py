@@ -39,6 +39,10 @@ from flashrun.errors import FlashrunError
 
 TICK_INTERVAL_S = 0.05
 """How often deadlines (rendezvous last call, stop acknowledgements) and the failure detector are checked."""
+PAUSE_S = 1.0
+"""A tick this much later than due means the coordinator itself did not run (stopped, starved, its machine paused):
+the job hears of it (Job.paused) before it checks anything, so that no node is taken for lost, and no job for stalled,
+because of summaries the coordinator has not read yet."""
 START_TIMEOUT_S = 30.0
 """How long starting or stopping the event loop's gRPC server may take."""
 RECENT_EVENTS = 20
@@ -354,10 +358,15 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._call_in_loop(lambda: self._apply(self._job.barrier_released(generation, outcome, now)))
 
     async def _tick_loop(self) -> None:
+        due = time.monotonic() + TICK_INTERVAL_S
         while True:
-            await asyncio.sleep(TICK_INTERVAL_S)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             with self._lock:
-                self._apply(self._job.tick(time.monotonic()))
+                now = time.monotonic()
+                if now - due > PAUSE_S:
+                    self._apply(self._job.paused(now - due, now))
+                due = now + TICK_INTERVAL_S
+                self._apply(self._job.tick(now))
                 if self._collector_paused and self._job.phase is not jobs.Phase.RECOVERING:
                     self._resume_collector()
 

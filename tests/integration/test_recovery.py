@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from flashrun.config import Detection
 from tests.helpers import REPO, Launch, Launcher, free_port, named, tagged_pids, wait_for
 
 TRAIN = str(REPO / "scripts" / "examples" / "train_ddp.py")
@@ -288,6 +290,30 @@ def test_a_replacement_superseded_before_its_group_formed_joins_the_newer_genera
     assert node1.wait(60) == 0, node1.output
     assert [(f["kind"], f["ranks"]) for f in named(logs, "failure")] == [("crash", [1]), ("crash", [0])]
     assert_same_model(out, reference[4], node0.output, 4)
+
+
+def test_a_pause_of_the_coordinators_process_loses_no_node(launcher: Launcher, tmp_path: Path) -> None:
+    """The process hosting the coordinator (and node 0's agent) is stopped for longer than the node timeout while
+    the workers train on. Resumed, it must not take a node for lost, nor a worker for unresponsive, before it has
+    read what they sent meanwhile: the job goes on and ends without a failure."""
+    logs, out = tmp_path / "logs", tmp_path / "out.pt"
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
+    args = [TRAIN, "--steps", "400", "--step-time", STEP_TIME, "--out", str(out)]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *args, name="node0")
+    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", *args, name="node1")
+    wait_for(lambda: reached(node0, 10), 120, "step 10")
+    wait_for(lambda: named(logs, "recoverable"), 60, "the job to be known recoverable")
+    node0.signal(signal.SIGSTOP)
+    try:
+        time.sleep(Detection().node_timeout_s + 2.0)  # the fault itself, not a synchronisation: a pause this long
+    finally:
+        node0.signal(signal.SIGCONT)
+    assert node0.wait(180) == 0, node0.output
+    assert node1.wait(60) == 0, node1.output
+    assert named(logs, "failure") == []
+    assert [e["paused_s"] > Detection().node_timeout_s for e in named(logs, "coordinator_paused")] == [True]
 
 
 CHECKPOINT = str(REPO / "tests" / "probes" / "checkpoint_probe.py")

@@ -703,6 +703,34 @@ def test_silent_node_detected_lost_is_taken_over_by_a_spare() -> None:
     assert job.assignments["spare"] == NodeAssignment(1, 2, 2)
 
 
+def test_a_pause_of_the_coordinator_itself_loses_no_node() -> None:
+    """Stopped for 20 s (SIGSTOP, starvation, a paused VM), the coordinator has not read what its agents sent
+    meanwhile: without being told, its first check took every node for lost. A node really gone is still found,
+    one node timeout after the coordinator runs again."""
+    job = job_with_spare()
+    summaries(job, now=4.0)
+    paused_until = 24.0
+
+    out = job.paused(paused_s=20.0, now=paused_until)
+    out.events.extend(job.tick(now=paused_until).events)
+
+    assert event_names(out) == ["coordinator_paused"] and job.phase is Phase.RUNNING
+    summaries(job, now=paused_until + 0.5, agents={"a0"})  # a1 stays silent
+    assert "failure" not in event_names(job.tick(now=paused_until + 9.9))
+    failure = the_event(job.tick(now=paused_until + 10.1), "failure")
+    assert (failure.fields["kind"], failure.fields["node"]) == ("node_lost", 1)
+
+
+def test_a_pause_of_the_coordinator_moves_a_recoverys_deadline_with_it() -> None:
+    job = recovering_job()  # detected at CRASH_AT: its ranks must reach generation 1 within 30 s
+    job.paused(paused_s=40.0, now=CRASH_AT + 41.0)
+
+    for now in (CRASH_AT + 41.0, CRASH_AT + 50.0, CRASH_AT + 60.0, CRASH_AT + 69.9):
+        summaries(job, now=now, generation=0)  # the agents are in generation 1, their ranks not yet
+        assert "failure" not in event_names(job.tick(now=now))
+    assert the_event(job.tick(now=CRASH_AT + 70.1), "failure").fields["kind"] == "escalated"
+
+
 # Status ---------------------------------------------------------------------------------------------------------------
 
 
