@@ -17,6 +17,7 @@ import grpc
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
+from flashrun.agent.protocol import heartbeat_age_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
 
     def summary(self, generation: int, pids: dict[int, int], now: float,
                 counted_from: float = -math.inf) -> pb.NodeSummary:
-        """`counted_from`: heartbeat ages count from no earlier than this (SummaryPacer.look)."""
+        """`counted_from`: see agent/protocol.py:heartbeat_age_s."""
         with self._lock:
             beats = dict(self._beats)
         ranks = []
@@ -124,7 +125,7 @@ class HeartbeatBoard(pb_grpc.WorkerChannelServicer):
             beat = last.beat
             ranks.append(pb.RankProgress(
                 local_rank=local_rank, pid=pid, step=beat.step,
-                heartbeat_age_s=now - max(last.received_at, counted_from),
+                heartbeat_age_s=heartbeat_age_s(now, last.received_at, counted_from),
                 in_collective=beat.in_collective, collective=beat.collective, collective_seq=beat.collective_seq,
                 generation=beat.generation, recoverable=beat.recoverable, finished=beat.finished,
                 recovery=beat.recovery if beat.HasField("recovery") else None,

@@ -14,6 +14,12 @@ fraction of the rest of the heartbeat timeout means the agent itself did not run
 paused): the beats its workers sent meanwhile are still unread, so their heartbeat ages count only from that look."""
 
 
+def heartbeat_age_s(now: float, received_at: float, counted_from: float) -> float:
+    """A worker's heartbeat age as its agent reports it: since its last beat arrived, but not from before
+    `counted_from` (SummaryPacer.look: the agent's own pause is not its workers' silence)."""
+    return now - max(received_at, counted_from)
+
+
 def join_message(run_id: str, token: str, node_rank: int | None, hostname: str, local_world_size: int,
                  agent_id: str) -> pb.AgentMessage:
     return pb.AgentMessage(join=pb.Join(

@@ -139,11 +139,7 @@ class Run:
                 # another recovery, which superseded the next replacement in turn: a crash loop, seen in CI.)
                 if not self._replacement_spawned_at:
                     raise
-                newer = self.aborter.wait_for_generation(self.generation, RECOVERY_WAIT_S)
-                if newer is None:
-                    raise Unrecoverable(f"rank {self.rank}: generation {self.generation} was superseded, but no "
-                                        f"newer one came within {RECOVERY_WAIT_S:g} s") from None
-                self.generation = newer
+                self.generation = self._newer_generation(self.generation)
         if not self._replacement_spawned_at:
             progress.generation = self.generation
 
@@ -241,11 +237,8 @@ class Run:
             report.start_s = max(0.0, time.time() - self._replacement_spawned_at)
         attempted = self.generation if not replacement else self.generation - 1
         while True:
-            target = self.aborter.wait_for_generation(attempted, RECOVERY_WAIT_S) \
-                if not replacement else self.generation
-            attempted = target if target is not None else attempted
-            if target is None:
-                raise Unrecoverable(f"rank {self.rank}: no new generation within {RECOVERY_WAIT_S:g} s of a failure")
+            target = self._newer_generation(attempted) if not replacement else self.generation
+            attempted = target
             report.abort_s = 0.0 if replacement else abort_s
             began = time.monotonic()
             try:
@@ -279,6 +272,13 @@ class Run:
             self._resumed_at = resume
             beat_now()
             return resume
+
+    def _newer_generation(self, than: int) -> int:
+        """The generation the coordinator commands after `than` (a failure or a superseded one), once it comes."""
+        newer = self.aborter.wait_for_generation(than, RECOVERY_WAIT_S)
+        if newer is None:
+            raise Unrecoverable(f"rank {self.rank}: no generation newer than {than} came within {RECOVERY_WAIT_S:g} s")
+        return newer
 
     def _sync(self, replacement: bool) -> tuple[int, int]:
         applied = -1 if replacement else self.applied_step

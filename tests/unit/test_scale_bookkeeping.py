@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flashrun._proto import flashrun_pb2 as pb
-from flashrun.agent.protocol import SummaryPacer
+from flashrun.agent.protocol import SummaryPacer, heartbeat_age_s
 from flashrun.config import Detection
 from flashrun.coordinator import job as job_module
 from flashrun.coordinator.detector import FailureDetector, RankReport
@@ -130,7 +130,7 @@ def test_an_agent_that_did_not_run_counts_its_workers_silence_only_from_when_it_
     last_beat = 10.0
 
     def ages(now: float, counted_from: float) -> dict[int, float]:  # as the agent's HeartbeatBoard reports them
-        return {1: now - max(last_beat, counted_from)}
+        return {1: heartbeat_age_s(now, last_beat, counted_from)}
 
     assert pacer.should_send(10.0, urgent=False, ages=ages(10.0, pacer.look(10.0)))  # the first one; next at 20 s
     assert pacer.look(10.25) == pacer.look(11.0) == -math.inf  # on time, or late by less than 1.125 s
