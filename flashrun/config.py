@@ -22,6 +22,15 @@ SLURM_PORT_SPAN = 10000
 GENERATION_BARRIER_S = 120.0
 """How long a rank waits at a new generation's barrier for the other ranks, and an agent for the other nodes, before
 giving up with an error (a newer generation, commanded when one goes missing, releases them long before)."""
+COORDINATOR_PING_INTERVAL_S = 10.0
+"""How often an agent pings the coordinator on its stream's connection (an HTTP/2 keepalive PING). gRPC's core
+answers it in the coordinator's process, not its event loop, so a job of thousands of nodes costs the coordinator
+no Python work for them."""
+COORDINATOR_PING_TIMEOUT_S = 20.0
+"""A ping unanswered this long means the coordinator's host is gone without closing the connection (powered off,
+frozen, cut off by the network): the agent stops its workers and exits with an error instead of waiting forever.
+Longer than the node timeout, so a coordinator that was itself paused for longer than that (and then discounts its
+own pause, server.PAUSE_S) still finds its agents there."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from flashrun._proto import flashrun_pb2 as pb  # noqa: E402
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc  # noqa: E402
 from flashrun.agent import generation_notice, store_barrier  # noqa: E402
-from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message, summary_message  # noqa: E402
+from flashrun.agent.protocol import (  # noqa: E402
+    SummaryPacer,
+    channel_options,
+    join_message,
+    stopped_message,
+    summary_message,
+)
 
 FAKE_PID_BASE = 10_000_000
 """Simulated ranks' PIDs: far above real ones, unique per rank."""
@@ -266,8 +272,8 @@ class SimulatedAgent:
         return max(self.generation, self.noticed) + 1
 
     async def run(self, endpoint: str) -> None:
-        async with grpc.aio.insecure_channel(endpoint, options=[] if self.args.shared_connection
-                                             else CHANNEL_OPTIONS) as channel:
+        options = channel_options() + ([] if self.args.shared_connection else CHANNEL_OPTIONS)
+        async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
             async with self.connecting:  # real agents start at different moments, not in one SYN burst
                 await channel.channel_ready()  # as the real agent, wait for a coordinator that is still starting
             self.call = pb_grpc.CoordinatorStub(channel).Connect()

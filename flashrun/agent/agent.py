@@ -28,10 +28,10 @@ from flashrun.agent.beats import HeartbeatBoard
 from flashrun.agent.node_barrier import NodeBarrier, Release
 from flashrun.agent.output import OutputPolicy, attempt_dir
 from flashrun.agent.prewarm import Zygote
-from flashrun.agent.protocol import SummaryPacer, join_message, stopped_message
+from flashrun.agent.protocol import SummaryPacer, channel_options, join_message, stopped_message
 from flashrun.agent.worker_env import WorkerPlacement, launcher_env, worker_env
 from flashrun.agent.workers import ExitReport, WorkerGroup, die_with_agent
-from flashrun.config import Endpoint, LaunchConfig
+from flashrun.config import COORDINATOR_PING_TIMEOUT_S, Endpoint, LaunchConfig
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_SIGNAL_BASE, FlashrunError
 from flashrun.inject import NODE_FAULT
 from flashrun.worker.link import REPLACEMENT_ENV
@@ -101,7 +101,7 @@ class Agent:
     def run(self, endpoint: Endpoint) -> int:
         """Join the coordinator at `endpoint`, run this node's share of the job, return the exit code."""
         self._endpoint = endpoint
-        channel = grpc.insecure_channel(str(self._endpoint))
+        channel = grpc.insecure_channel(str(self._endpoint), options=channel_options())
         socket_dir = tempfile.mkdtemp(prefix="flashrun-agent-")  # short: Unix socket paths max out near 107 bytes
         try:
             self._board = HeartbeatBoard(os.path.join(socket_dir, "agent.sock"), self._config.nproc_per_node,
@@ -170,6 +170,9 @@ class Agent:
             detail = "the coordinator closed the connection"
         except grpc.RpcError as err:
             detail = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+            if "ping timeout" in (err.details() or ""):  # type: ignore[attr-defined]
+                detail = (f"it did not answer for {COORDINATOR_PING_TIMEOUT_S:g} s: its host is down, frozen or "
+                          "cut off")
         self._events.put(_CoordinatorLost(detail))
 
     def _loop(self) -> int:

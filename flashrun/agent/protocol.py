@@ -6,12 +6,28 @@ from __future__ import annotations
 import math
 
 from flashrun._proto import flashrun_pb2 as pb
-from flashrun.config import PROTOCOL_VERSION, Detection
+from flashrun.config import COORDINATOR_PING_INTERVAL_S, COORDINATOR_PING_TIMEOUT_S, PROTOCOL_VERSION, Detection
 
 OWN_STALL_FRACTION = 0.5
 """An agent looks at its workers every heartbeat interval. A look that comes later than that by more than this
 fraction of the rest of the heartbeat timeout means the agent itself did not run (stopped, starved, its machine
 paused): the beats its workers sent meanwhile are still unread, so their heartbeat ages count only from that look."""
+
+
+def channel_options(ping_interval_s: float = COORDINATOR_PING_INTERVAL_S,
+                    ping_timeout_s: float = COORDINATOR_PING_TIMEOUT_S) -> list[tuple[str, int]]:
+    """gRPC options for an agent's channel to the coordinator: keepalive pings, so that a coordinator whose host
+    vanished without closing the connection breaks the agent's stream ("ping timeout") instead of leaving the node
+    waiting forever. Pings go whether or not the agent has sent data (a spare standing by sends none)."""
+    interval_ms, timeout_ms = int(ping_interval_s * 1000), int(ping_timeout_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),  # grpcio 1.85 times a ping out by this one
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", interval_ms),
+    ]
 
 
 def heartbeat_age_s(now: float, received_at: float, counted_from: float) -> float:

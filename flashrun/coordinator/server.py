@@ -56,6 +56,10 @@ SERVER_OPTIONS = [
     # dispatched (3,000 at most) would leave the rest of a large job unanswered.
     ("grpc.server.max_pending_requests", 1 << 20),
     ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
+    # Agents ping every COORDINATOR_PING_INTERVAL_S to learn that the coordinator's host is gone
+    # (agent/protocol.py:channel_options); gRPC would hang up on a client that pings more than every 5 minutes.
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 GC_THRESHOLDS = (5_000, 20, 1_000)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flashrun.config import COORDINATOR_PING_INTERVAL_S, COORDINATOR_PING_TIMEOUT_S
 from tests.helpers import PROBES, Launcher, free_port, wait_for
 
 ALLREDUCE = str(PROBES / "allreduce_probe.py")
@@ -126,6 +127,25 @@ def test_losing_a_node_stops_the_other_node(launcher: Launcher, tmp_path: Path) 
     assert node0.wait(30) == 1, node0.output
     assert "node 1" in node0.output and "lost" in node0.output
     wait_for(lambda: launcher.survivors() == [], 10, "every worker to be gone")
+
+
+def test_a_coordinator_gone_silent_ends_the_other_nodes_after_the_ping_timeout(launcher: Launcher,
+                                                                               tmp_path: Path) -> None:
+    """The launcher hosting the coordinator stops for good without closing its connections (its host frozen, powered
+    off, cut off by the network). The other node must not wait forever: its agent's pings go unanswered, so it stops
+    its workers and exits with one line that says why."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", SLEEPER, str(tmp_path), name="node0")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", SLEEPER, str(tmp_path), name="node1")
+    wait_for(lambda: all((tmp_path / f"{r}.pid").exists() for r in range(2)), 60, "both workers to start")
+    worker1 = int((tmp_path / "1.pid").read_text())
+    node0.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
+    assert node1.wait(COORDINATOR_PING_INTERVAL_S + COORDINATOR_PING_TIMEOUT_S + 30) == 1, node1.output
+    assert (f"lost the coordinator at {endpoint} (it did not answer for {COORDINATOR_PING_TIMEOUT_S:g} s: its host "
+            "is down, frozen or cut off); workers stopped") in node1.output
+    assert (tmp_path / "1.signal").read_text() == "SIGTERM"
+    wait_for(lambda: not Path(f"/proc/{worker1}").exists(), 10, "node 1's worker to be gone")
 
 
 def test_log_dir_keeps_per_rank_files_and_filters_apply(launcher: Launcher, tmp_path: Path) -> None:
