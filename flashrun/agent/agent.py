@@ -212,6 +212,7 @@ class Agent:
                 elif kind == "spare":
                     spare = True
                     say(f"standing by as a spare node: {message.spare.reason}")
+                    self._prepare_zygote()  # taking over a lost node then forks its workers
                 elif kind == "start":
                     started = True
                     self._start_workers(message.start)

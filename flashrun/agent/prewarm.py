@@ -20,6 +20,10 @@ from flashrun import descriptors
 ZYGOTE_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_main.py")
 SPAWN_REPLY_S = 5.0
 """How long the agent waits for the zygote to confirm a fork before falling back to a plain spawn."""
+READY_WAIT_S = 30.0
+"""How long a fork waits for a zygote that is still importing (a spare that takes over soon after it joined, a zygote
+restarted after it broke) before falling back to a plain spawn. Waiting costs less than the fallback: a fresh
+interpreter would pay the same imports from the start, competing with the zygote's for the CPU."""
 MAX_MESSAGE = 1 << 20
 
 
@@ -76,7 +80,9 @@ class Zygote:
             message = json.loads(data)
             op = message["op"]
             if op == "ready":
-                self.ready.set()
+                with self._lock:
+                    self.ready.set()
+                    self._reply_ready.notify_all()
             elif op == "spawned":
                 with self._lock:
                     self._replies[message["id"]] = message
@@ -97,7 +103,10 @@ class Zygote:
             process._set_exit(-9)
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> ZygoteProcess | None:
-        """Fork a worker; None when the zygote is not ready or does not answer (the caller spawns instead)."""
+        """Fork a worker; None when the zygote broke, does not get ready within READY_WAIT_S or does not answer (the
+        caller spawns instead)."""
+        with self._lock:
+            self._reply_ready.wait_for(lambda: self.ready.is_set() or self.broken.is_set(), READY_WAIT_S)
         if not self.ready.is_set() or self.broken.is_set():
             return None
         out_r, out_w = os.pipe()

@@ -89,3 +89,29 @@ def test_workers_keep_the_open_files_limit_flashrun_was_started_with(launcher: L
     assert "zygote_main.py" not in original["parent"] and original["parent_open_files"] == descriptors.needed(300)
     assert "zygote_main.py" in forked["parent"]
     assert (original["open_files"], forked["open_files"], forked["parent_open_files"]) == (1024, 1024, 1024)
+
+
+def test_a_spare_forks_the_workers_of_the_node_it_takes_over(launcher: Launcher, tmp_path: Path) -> None:
+    """A spare pre-warms its zygote while it stands by: taking over a lost node then costs a fork per worker, not a
+    fresh interpreter that imports torch."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), PROBE, str(out), "100000",
+                              name="node0")
+    wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
+    node1 = launcher.flashrun(*common, PROBE, str(out), "100000", name="node1")
+    wait_for(lambda: named(logs, "recoverable"), 120, "the step loop to run on both nodes")
+    spare = launcher.flashrun(*common, PROBE, str(out), "100000", name="spare")
+    wait_for(lambda: "standing by as a spare" in spare.output, 60, "the spare to join")
+    node1.signal(signal.SIGKILL)
+    wait_for(lambda: len(records(out, 1)) == 2, 120, "the spare's worker to start")
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    assert named(logs, "spare_takes_over")[0]["node"] == 1
+    assert "zygote_main.py" in records(out, 1)[1]["parent"], "the spare's worker should have been forked"
+    assert named(logs, "prewarm_fallback") == []
+    node0.signal(signal.SIGTERM)
+    node0.wait(60)
+    spare.wait(60)
+    wait_for(lambda: launcher.survivors() == [], 15, "every process to be gone")
