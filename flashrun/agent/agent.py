@@ -212,7 +212,9 @@ class Agent:
                 elif kind == "spare":
                     spare = True
                     say(f"standing by as a spare node: {message.spare.reason}")
-                    self._prepare_zygote()  # taking over a lost node then forks its workers
+                    # Taking over a lost node then forks its workers and finds the store's client imported.
+                    self._prepare_zygote()
+                    self._barrier.warm()
                 elif kind == "start":
                     started = True
                     self._start_workers(message.start)

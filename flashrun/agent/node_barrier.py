@@ -168,6 +168,11 @@ class NodeBarrier:
         threading.Thread(target=self._run_ops, name="flashrun-node-barrier", daemon=True).start()
         threading.Thread(target=self._run_waits, name="flashrun-node-barrier-wait", daemon=True).start()
 
+    def warm(self) -> None:
+        """Import the store's client now, in a thread of its own, for a node that may have to pass a barrier at short
+        notice (a spare: taking over a lost node, its workers would otherwise wait for the import at their first)."""
+        threading.Thread(target=store_barrier.load, name="flashrun-store-import", daemon=True).start()
+
     def arrive(self, local_rank: int, pid: int, generation: int, current: Mapping[int, int]) -> None:
         self.prepare()
         with self._lock:

@@ -82,6 +82,11 @@ def connect(host: str, port: int, timeout_s: float) -> tuple[Any, Any]:
     return connect_one(host, port, timeout_s), connect_one(host, port, timeout_s)
 
 
+def load() -> None:
+    """Import what a connection needs (torch.distributed: about a second), ahead of the first one."""
+    import torch.distributed  # noqa: F401
+
+
 def connect_one(host: str, port: int, timeout_s: float) -> Any:
     """One client connection to the job's store (a blocking get holds a connection of its own)."""
     import torch.distributed as dist
