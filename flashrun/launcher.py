@@ -142,6 +142,10 @@ def launch(config: LaunchConfig) -> int:
                 coordinator = _host_coordinator(config, bind, endpoint, events, run_dir)
                 if coordinator is not None and endpoint.port == 0:
                     endpoint = Endpoint(endpoint.host, coordinator.port)
+            if coordinator is not None:
+                hosted = coordinator
+                agent.on_stop_signal = lambda signum: hosted.abort(
+                    f"the launcher hosting the coordinator received {signal.Signals(signum).name}")
             view = _start_view(config, coordinator, endpoint, events)
             code = agent.run(endpoint)
         finally:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -92,6 +92,10 @@ class Agent:
         self._finished = threading.Event()
         self._env = launcher_env(config.base_env, config.nproc_per_node)
         self.agent_id = local_agent_id()
+        self.on_stop_signal: Callable[[int], None] | None = None
+        """Called on the agent's loop with a signal that stops this node, before its workers are stopped: the
+        launcher that hosts the coordinator ends the job with the reason (the other nodes would otherwise only see
+        this node's agent go)."""
 
     def on_signal(self, signum: int, _frame: object = None) -> None:
         self._events.put(_Signal(signum))
@@ -191,6 +195,8 @@ class Agent:
                     ) from None
                 continue
             if isinstance(event, _Signal):
+                if self.on_stop_signal is not None:
+                    self.on_stop_signal(event.signum)
                 self._stop_workers(event.signum)
                 say(f"received {signal.Signals(event.signum).name}; workers stopped")
                 return EXIT_SIGNAL_BASE + event.signum

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flashrun.config import COORDINATOR_PING_INTERVAL_S, COORDINATOR_PING_TIMEOUT_S
-from tests.helpers import PROBES, Launcher, free_port, wait_for
+from tests.helpers import PROBES, Launcher, free_port, named, wait_for
 
 ALLREDUCE = str(PROBES / "allreduce_probe.py")
 FAIL = str(PROBES / "fail_probe.py")
@@ -126,6 +126,25 @@ def test_losing_a_node_stops_the_other_node(launcher: Launcher, tmp_path: Path) 
     node1.signal(signal.SIGKILL)
     assert node0.wait(30) == 1, node0.output
     assert "node 1" in node0.output and "lost" in node0.output
+    wait_for(lambda: launcher.survivors() == [], 10, "every worker to be gone")
+
+
+def test_ctrl_c_on_the_launcher_hosting_the_coordinator_ends_every_node_with_that_reason(launcher: Launcher,
+                                                                                         tmp_path: Path) -> None:
+    """A user's SIGINT is not a lost node: the other nodes stop and say why, and the event log records no failure."""
+    logs = tmp_path / "logs"
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), SLEEPER, str(tmp_path),
+                              name="node0")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", SLEEPER, str(tmp_path), name="node1")
+    wait_for(lambda: all((tmp_path / f"{r}.pid").exists() for r in range(2)), 60, "both workers to start")
+    node0.signal(signal.SIGINT)
+    assert node0.wait(30) == 128 + signal.SIGINT, node0.output
+    assert node1.wait(30) == 1, node1.output
+    assert "job failed: the launcher hosting the coordinator received SIGINT" in node1.output
+    assert named(logs, "failure") == []
+    assert [e["reason"] for e in named(logs, "job_failed")] == ["the launcher hosting the coordinator received SIGINT"]
     wait_for(lambda: launcher.survivors() == [], 10, "every worker to be gone")
 
 
