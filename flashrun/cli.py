@@ -25,6 +25,7 @@ from flashrun.config import (
     LaunchConfig,
     Timeouts,
     cpu_count,
+    node_timeout_from_rdzv_conf,
     parse_detection,
     parse_endpoint,
     parse_local_ranks_filter,
@@ -90,7 +91,9 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
          help="Accepted for torchrun compatibility; flashrun's coordinator is always the backend.")
 @_option("--rdzv-endpoint", default="", help="HOST[:PORT] of the coordinator (port 29400 if omitted).")
 @_option("--rdzv-id", default="none", show_default=True, help="Run id, the same on every node.")
-@_option("--rdzv-conf", default="", help="KEY=VALUE,...: join_timeout (seconds).")
+@_option("--rdzv-conf", default="",
+         help="KEY=VALUE,...: join_timeout (seconds); keep_alive_interval (seconds) x keep_alive_max_attempt: how "
+              "long a silent node may be before it is lost (default 10 s).")
 @click.option("--standalone", is_flag=True, help="Single node, coordinator on loopback, random port and run id.")
 @_option("--max-restarts", default=0, type=click.IntRange(min=0), show_default=True,
          help="Full restarts of all workers after a failure before the job fails.")
@@ -240,7 +243,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         local_addr=options["local_addr"],  # type: ignore[arg-type]
         max_recoveries=int(options.get("max_recoveries", 100)),  # type: ignore[call-overload]
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
-        detection=_detection(options),
+        detection=_detection(options, node_timeout_from_rdzv_conf(rdzv_conf)),
         prewarm=bool(options.get("prewarm", True)),
         allow_inject=bool(options.get("allow_inject", False)),
         prewarm_modules=tuple(m.strip() for m in str(options.get("prewarm_modules") or "").split(",") if m.strip()),
@@ -249,9 +252,9 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
     )
 
 
-def _detection(options: Mapping[str, object]) -> Detection:
+def _detection(options: Mapping[str, object], node_timeout: float | None = None) -> Detection:
     return parse_detection(options.get("heartbeat_interval"), options.get("heartbeat_timeout"),  # type: ignore[arg-type]
-                           str(options.get("stall_timeout") or "auto"))
+                           str(options.get("stall_timeout") or "auto"), node_timeout)
 
 
 def _slurm(env: Mapping[str, str], standalone: bool) -> SlurmAllocation | None:

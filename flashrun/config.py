@@ -29,8 +29,8 @@ no Python work for them."""
 COORDINATOR_PING_TIMEOUT_S = 20.0
 """A ping unanswered this long means the coordinator's host is gone without closing the connection (powered off,
 frozen, cut off by the network): the agent stops its workers and exits with an error instead of waiting forever.
-Longer than the node timeout, so a coordinator that was itself paused for longer than that (and then discounts its
-own pause, server.PAUSE_S) still finds its agents there."""
+Longer than the default node timeout, so a coordinator that was itself paused for longer than that (and then
+discounts its own pause, server.PAUSE_S) still finds its agents there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +172,38 @@ def parse_rdzv_conf(value: str) -> dict[str, str]:
     return conf
 
 
+KEEP_ALIVE_DEFAULTS = {"keep_alive_interval": 5, "keep_alive_max_attempt": 3}
+"""torchrun's --rdzv-conf keys for when a silent node counts as dead (interval x attempts), with torchrun's defaults
+for the one not given. flashrun reads the product as its node timeout; its agents still summarise every heartbeat
+interval."""
+
+
+def node_timeout_from_rdzv_conf(conf: Mapping[str, str]) -> float | None:
+    """The node timeout torchrun's keep_alive_interval x keep_alive_max_attempt ask for; None when neither is set."""
+    if not set(conf) & set(KEEP_ALIVE_DEFAULTS):
+        return None
+    factors = []
+    for key, default in KEEP_ALIVE_DEFAULTS.items():
+        text = conf.get(key, str(default))
+        try:
+            value = float(text) if key == "keep_alive_interval" else int(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise FlashrunError(f"--rdzv-conf {key} must be a positive "
+                                f"{'number of seconds' if key == 'keep_alive_interval' else 'integer'}, got {text!r}")
+        factors.append(value)
+    return float(factors[0] * factors[1])
+
+
 def timeouts_from_rdzv_conf(conf: Mapping[str, str], shutdown_timeout_s: float | None) -> Timeouts:
     # torchrun's last_call_timeout has no meaning here: the job starts once MIN nodes joined (more are spares).
     known = {"join_timeout": "join_s"}
-    unknown = sorted(set(conf) - set(known) - {"timeout", "read_timeout", "is_host"})
+    unknown = sorted(set(conf) - set(known) - set(KEEP_ALIVE_DEFAULTS) - {"timeout", "read_timeout", "is_host"})
     if unknown:
         raise FlashrunError(
             f"--rdzv-conf: unknown key(s) {', '.join(unknown)}; flashrun understands "
-            f"{', '.join(sorted(known))}"
+            f"{', '.join(sorted([*known, *KEEP_ALIVE_DEFAULTS]))}"
         )
     values: dict[str, float] = {}
     for key, field in known.items():
@@ -308,8 +332,10 @@ class Detection:
             raise FlashrunError("stall multiplier and straggler lag must be at least 1")
 
 
-def parse_detection(heartbeat_interval: float | None, heartbeat_timeout: float | None, stall_timeout: str) -> Detection:
-    """--heartbeat-interval, --heartbeat-timeout, --stall-timeout (`auto`, or the floor in seconds).
+def parse_detection(heartbeat_interval: float | None, heartbeat_timeout: float | None, stall_timeout: str,
+                    node_timeout: float | None = None) -> Detection:
+    """--heartbeat-interval, --heartbeat-timeout, --stall-timeout (`auto`, or the floor in seconds), and the node
+    timeout torchrun's keep-alive keys of --rdzv-conf ask for (node_timeout_from_rdzv_conf).
 
     The stall threshold is always adaptive above its floor: a job whose steps slow down gradually is not stalled.
     """
@@ -320,6 +346,12 @@ def parse_detection(heartbeat_interval: float | None, heartbeat_timeout: float |
     if heartbeat_timeout is not None:
         values["heartbeat_timeout_s"] = heartbeat_timeout
         values["stall_floor_s"] = max(Detection.stall_floor_s, heartbeat_timeout + 0.5)
+    if node_timeout is not None:
+        if node_timeout <= values.get("heartbeat_interval_s", Detection.heartbeat_interval_s):
+            raise FlashrunError(
+                f"--rdzv-conf keep_alive_interval x keep_alive_max_attempt ({node_timeout:g} s) must be longer than "
+                f"the heartbeat interval ({values.get('heartbeat_interval_s', Detection.heartbeat_interval_s):g} s)")
+        values["node_timeout_s"] = node_timeout
     text = stall_timeout.strip().lower()
     if text != "auto":
         try:

@@ -709,6 +709,14 @@ class Job:
         """In place when the job can recover; otherwise (or with no recoveries left) torchrun's full restart."""
         if self._can_recover(ranks):  # with no culprit (a stall nobody can be blamed for) nothing is respawned
             self._begin_recovery(out, now, ranks, cause)
+        elif self._lost_nodes:
+            # A node found silent is as gone as one whose connection broke (`disconnect`): it will confirm no stop,
+            # so waiting for every member's confirmation would only fail the job a stop deadline later, blaming that.
+            nodes = sorted(self._lost_nodes)
+            hosts = sorted({m.hostname for a, m in self.members.items() if self.assignments[a].node_rank in nodes})
+            self._fail(out, f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))} "
+                            f"({', '.join(hosts)}) {'were' if len(nodes) > 1 else 'was'} lost; the job cannot continue "
+                            f"without {'them' if len(nodes) > 1 else 'it'}")
         else:
             self._stop_all(out, now, cause)
 

@@ -85,6 +85,27 @@ def test_kill_9_of_an_agent_loses_its_node(launcher: Launcher, tmp_path: Path) -
     wait_for(lambda: launcher.survivors() == [], 15, "every process to be gone")
 
 
+def test_a_frozen_agent_is_lost_after_torchruns_keep_alive_timeout(launcher: Launcher, tmp_path: Path) -> None:
+    """`--rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=2` on the launcher hosting the coordinator: a node
+    whose agent stopped summarising (SIGSTOP: its stream stays open) is lost after 2 s, not the default 10 s."""
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir()
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), "--rdzv-conf",
+                              "keep_alive_interval=1,keep_alive_max_attempt=2", FAULT, str(work), "100000",
+                              name="node0")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", FAULT, str(work), "100000", name="node1")
+    wait_for(lambda: reached_step(work, 1, 3), 60, "rank 1 to reach step 3")
+    node1.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
+    found = wait_for(lambda: failures(logs), 30, "a failure event")
+    assert node0.wait(60) == 1, node0.output
+    failure = found[0]  # type: ignore[index]
+    assert (failure["kind"], failure["node"]) == ("node_lost", 1)
+    assert failure["evidence"].endswith("(timeout 2 s)") and 2.0 <= failure["silent_s"] < 5.0, failure
+    assert "job failed: node 1 (" in node0.output and ") was lost; the job cannot continue without it" in node0.output
+
+
 def test_status_reports_every_rank_of_a_running_job(launcher: Launcher, tmp_path: Path) -> None:
     work, logs = start_job(launcher, tmp_path)
     wait_for(lambda: all(reached_step(work, r, 20) for r in range(3)), 60, "every rank to reach step 20")

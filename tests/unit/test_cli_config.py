@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flashrun.cli import build_config, run
-from flashrun.config import DEFAULT_RDZV_PORT, Endpoint, LaunchConfig, StdSpec
+from flashrun.config import DEFAULT_RDZV_PORT, Detection, Endpoint, LaunchConfig, StdSpec
 from flashrun.errors import FlashrunError
 
 SLURM_ENV = {
@@ -240,6 +240,27 @@ def test_rdzv_conf_and_shutdown_timeout_set_the_timeouts(script: str) -> None:
 def test_rdzv_conf_last_call_timeout_is_an_unknown_key(script: str) -> None:
     with raises_naming("--rdzv-conf", "unknown key", "last_call_timeout"):
         config("--nnodes", "1:2", "--rdzv-endpoint", "head", "--rdzv-conf", "last_call_timeout=4", script)
+
+
+def test_rdzv_conf_keep_alive_sets_the_node_timeout_as_torchrun_counts_a_node_dead(script: str) -> None:
+    both = config("--rdzv-conf", "keep_alive_interval=1.5,keep_alive_max_attempt=2", script)
+    one = config("--rdzv-conf", "keep_alive_interval=2", script)  # torchrun's default of 3 attempts for the other
+
+    assert both.detection.node_timeout_s == 3.0
+    assert one.detection.node_timeout_s == 6.0
+    assert config(script).detection.node_timeout_s == Detection().node_timeout_s
+
+
+@pytest.mark.parametrize(("conf", "named"), [
+    ("keep_alive_interval=soon", "keep_alive_interval must be a positive number of seconds, got 'soon'"),
+    ("keep_alive_max_attempt=1.5", "keep_alive_max_attempt must be a positive integer, got '1.5'"),
+    ("keep_alive_max_attempt=0", "keep_alive_max_attempt must be a positive integer, got '0'"),
+    ("keep_alive_interval=0.1,keep_alive_max_attempt=2",
+     "keep_alive_interval x keep_alive_max_attempt (0.2 s) must be longer than the heartbeat interval (0.25 s)"),
+])
+def test_bad_rdzv_conf_keep_alive_is_a_one_line_error(script: str, conf: str, named: str) -> None:
+    with raises_naming("--rdzv-conf", named):
+        config("--rdzv-conf", conf, script)
 
 
 def test_bad_rdzv_conf_key_is_an_error(script: str) -> None:

@@ -776,3 +776,19 @@ def test_late_exit_of_a_stopped_worker_after_a_full_restart_is_not_a_failure() -
 
     assert out.commands == [] and "failure" not in event_names(out)
     assert job.phase is Phase.RUNNING
+
+
+def test_a_node_found_silent_in_a_job_without_the_step_loop_fails_it_at_once() -> None:
+    """Not recoverable in place (the script does not use flashrun's step loop), so torchrun's path; but a lost node
+    confirms no stop: the job fails now, saying which node, instead of a stop deadline later."""
+    job = running_job(nnodes=2)
+    for now in (1.0, 5.0, 9.0, 11.0):
+        summaries(job, now, recoverable=False, agents={"a0"})
+    out = job.tick(now=11.0)
+
+    assert job.phase is Phase.FAILED
+    assert event_names(out) == ["failure", "job_failed"]
+    assert the_event(out, "failure").fields["kind"] == "node_lost"
+    assert the_event(out, "job_failed").fields["reason"] == \
+        "node 1 (host-a1) was lost; the job cannot continue without it"
+    assert {command.agent_id for command in commands_of(out, Shutdown)} == {"a0", "a1"}
