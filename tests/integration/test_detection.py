@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.helpers import PROBES, Launcher, free_port, wait_for
+from tests.helpers import PROBES, Launch, Launcher, free_port, wait_for
 
 FAULT = str(PROBES / "fault_probe.py")
 
@@ -68,15 +68,22 @@ def test_rank_looping_before_a_collective_is_the_culprit_of_a_stall(launcher: La
     assert "ranks [0, 2] wait in all_reduce" in failure["evidence"]
 
 
-def test_kill_9_of_an_agent_loses_its_node(launcher: Launcher, tmp_path: Path) -> None:
+def two_nodes_at_step_3(launcher: Launcher, tmp_path: Path, *node0_flags: str) -> tuple[Launch, Launch, Path]:
+    """Two launchers of one fault-probe rank each, node 0 hosting the coordinator (with `node0_flags`), rank 1 past
+    step 3: (node0, node1, the log dir)."""
     work, logs = tmp_path / "work", tmp_path / "logs"
     work.mkdir()
     endpoint = f"127.0.0.1:{free_port()}"
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
-    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), FAULT, str(work), "100000",
-                              name="node0")
+    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *node0_flags, FAULT, str(work),
+                              "100000", name="node0")
     node1 = launcher.flashrun(*common, "--node-rank", "1", FAULT, str(work), "100000", name="node1")
     wait_for(lambda: reached_step(work, 1, 3), 60, "rank 1 to reach step 3")
+    return node0, node1, logs
+
+
+def test_kill_9_of_an_agent_loses_its_node(launcher: Launcher, tmp_path: Path) -> None:
+    node0, node1, logs = two_nodes_at_step_3(launcher, tmp_path)
     node1.signal(signal.SIGKILL)
     found = wait_for(lambda: failures(logs), 30, "a failure event")
     assert node0.wait(60) == 1, node0.output
@@ -88,15 +95,8 @@ def test_kill_9_of_an_agent_loses_its_node(launcher: Launcher, tmp_path: Path) -
 def test_a_frozen_agent_is_lost_after_torchruns_keep_alive_timeout(launcher: Launcher, tmp_path: Path) -> None:
     """`--rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=2` on the launcher hosting the coordinator: a node
     whose agent stopped summarising (SIGSTOP: its stream stays open) is lost after 2 s, not the default 10 s."""
-    work, logs = tmp_path / "work", tmp_path / "logs"
-    work.mkdir()
-    endpoint = f"127.0.0.1:{free_port()}"
-    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
-    node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), "--rdzv-conf",
-                              "keep_alive_interval=1,keep_alive_max_attempt=2", FAULT, str(work), "100000",
-                              name="node0")
-    node1 = launcher.flashrun(*common, "--node-rank", "1", FAULT, str(work), "100000", name="node1")
-    wait_for(lambda: reached_step(work, 1, 3), 60, "rank 1 to reach step 3")
+    node0, node1, logs = two_nodes_at_step_3(launcher, tmp_path, "--rdzv-conf",
+                                             "keep_alive_interval=1,keep_alive_max_attempt=2")
     node1.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
     found = wait_for(lambda: failures(logs), 30, "a failure event")
     assert node0.wait(60) == 1, node0.output
