@@ -18,7 +18,7 @@ import collections
 import dataclasses
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from flashrun.config import Detection
@@ -93,13 +93,20 @@ class FailureDetector:
     node and reduced with builtins, and a full scan of the ranks happens only once a check has found something."""
 
     def __init__(self, settings: Detection, ranks_by_node: dict[int, Iterable[int]], now: float,
-                 recent_step_s: Iterable[float] = (), generation: int = 0) -> None:
+                 recent_step_s: Iterable[float] = (), generation: int = 0,
+                 heard_from: Mapping[int, float] | None = None) -> None:
+        """`heard_from`: when the agents that stay on through a recovery last sent a summary (`last_heard`): their
+        silence goes on counting. A frozen node whose ranks were the first failure is then lost one node timeout
+        after it went silent, not one after the recovery that waits for it began. Other nodes count from `now`."""
         self.settings = settings
         self.generation = generation
         self._started_at = now
         self._nodes: dict[int, _NodeState] = {node: _NodeState(list(ranks), now) for node, ranks in
                                               ranks_by_node.items()}
         self._node_seen: dict[int, float] = {node: now for node in ranks_by_node}
+        for node, heard in (heard_from or {}).items():
+            if node in self._node_seen:
+                self._node_seen[node] = min(heard, now)
         self._node_timeout_s = settings.node_timeout_for(len(ranks_by_node))
         self._summary_interval_s = settings.summary_interval_s(len(ranks_by_node))
         self._node_min: dict[int, int] = {}
@@ -219,6 +226,10 @@ class FailureDetector:
         self._job_step_at = now
         self._lagging_since.clear()
         self.stragglers = set()
+
+    def last_heard(self) -> dict[int, float]:
+        """When each node's agent last sent a summary (or this detector started, if it has not)."""
+        return dict(self._node_seen)
 
     @property
     def recent_step_s(self) -> tuple[float, ...]:

@@ -757,13 +757,20 @@ class Job:
         self._stragglers.clear()
         out.events.append(Event("recovery_started", self.generation, {
             "kind": cause.kind, "ranks": sorted(ranks), "cause": cause.describe(), "recoveries": self.recoveries}))
-        previous = self.detector.recent_step_s if self.detector else ()
-        out.retired = self.detector
+        old = self.detector
+        previous = old.recent_step_s if old else ()
+        out.retired = old
         # Building the new detector is O(ranks) (5-10 ms at 4,096 nodes), and nothing an agent does needs it before
-        # the notice is out: it is built then, from this moment's state (`settle`).
+        # the notice is out: it is built then, from this moment's state (`settle`). The old one hears nothing more.
         assignments, generation = tuple(self.assignments.values()), self.generation
+        taken_over = {self.assignments[a].node_rank for a in spares_placed}
+
+        def heard_from() -> dict[int, float]:
+            return {n: t for n, t in (old.last_heard() if old else {}).items() if n not in taken_over}
+
         self._detector, self._next_detector = None, lambda: FailureDetector(
-            self.spec.detection, _ranks_by_node(assignments), now, previous, generation=generation)
+            self.spec.detection, _ranks_by_node(assignments), now, previous, generation=generation,
+            heard_from=heard_from())
         for rank in ranks:
             self._replacements[rank] = self._replacements.get(rank, 0) + 1
         # One Recover per agent, built in O(nodes + failed ranks): this runs for thousands of nodes at once.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from flashrun.config import Detection
 from flashrun.coordinator.detector import RankReport
 from flashrun.coordinator.job import (
@@ -544,6 +546,29 @@ def test_node_silent_since_a_recovery_began_is_replaced_by_a_spare() -> None:
     assert job.phase is Phase.RECOVERING
     assert "spare_takes_over" in event_names(out)
     assert job.assignments["spare"] == NodeAssignment(1, 2, 2)
+
+
+def test_a_node_silent_before_a_recovery_began_is_lost_one_timeout_after_it_went_silent() -> None:
+    """a1's last summary came at t=1; a crash on a0 at t=5 starts a recovery that a1 never joins (a frozen machine).
+    Its silence counts from t=1 through the new generation: lost at 11, not at 15. The spare that takes its place
+    then has a node timeout of its own."""
+    job = recoverable_job(max_nodes=3)
+    job.join(request("spare"), now=2.0)
+    exit_of(job, 0, now=CRASH_AT)
+    job.settle()
+    for now in (6.0, 10.0):
+        summaries(job, now=now, generation=1, agents={"a0"})
+
+    assert "failure" not in event_names(job.tick(now=10.9))
+    out = job.tick(now=11.1)
+
+    failure = the_event(out, "failure")
+    assert (failure.fields["kind"], failure.fields["node"]) == ("node_lost", 1)
+    assert failure.fields["silent_s"] == pytest.approx(10.1)
+    assert "spare_takes_over" in event_names(out)
+    job.settle()
+    summaries(job, now=11.5, generation=2, agents={"a0"})
+    assert "failure" not in event_names(job.tick(now=12.0))
 
 
 # Limits -------------------------------------------------------------------------------------------------------------
