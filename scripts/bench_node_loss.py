@@ -19,7 +19,8 @@ The spare takes over. Measured per trial, from <log-dir>/events.jsonl and rank 0
   starts both of node 1's ranks, every rank rebuilds the process group, the spare's ranks get the state of a healthy
   replica;
 - recovered: its since_detection_s (from the first detection);
-- fault -> next step: from the fault to the arrival of rank 0's first line for a step it had not completed before.
+- fault -> next step: from the fault to the arrival of rank 0's first line, after the `recovered` event, for a
+  step it had not completed before (a frozen node's step in flight may still complete on the others).
 
 With --baseline REV, trials alternate between that git revision (exported with `git archive`, gRPC code generated)
 and the working tree, so both see the same machine. torchrun has no spare: on a node loss it stops every worker on
