@@ -385,8 +385,7 @@ class Job:
             self._begin_recovery(out, now, set(failure.ranks), failure)
             return out
         del self.members[agent_id]
-        self._fail(out, f"node {assignment.node_rank} ({member.hostname}) lost its agent; "
-                        "the job cannot continue without it")
+        self._fail_for_lost_nodes(out, {assignment.node_rank: member.hostname})
         return out
 
     def worker_exited(self, agent_id: str, exit: WorkerExit, now: float) -> Output:
@@ -712,13 +711,17 @@ class Job:
         elif self._lost_nodes:
             # A node found silent is as gone as one whose connection broke (`disconnect`): it will confirm no stop,
             # so waiting for every member's confirmation would only fail the job a stop deadline later, blaming that.
-            nodes = sorted(self._lost_nodes)
-            hosts = sorted({m.hostname for a, m in self.members.items() if self.assignments[a].node_rank in nodes})
-            self._fail(out, f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))} "
-                            f"({', '.join(hosts)}) {'were' if len(nodes) > 1 else 'was'} lost; the job cannot continue "
-                            f"without {'them' if len(nodes) > 1 else 'it'}")
+            self._fail_for_lost_nodes(out, {self.assignments[a].node_rank: m.hostname for a, m in self.members.items()
+                                            if self.assignments[a].node_rank in self._lost_nodes})
         else:
             self._stop_all(out, now, cause)
+
+    def _fail_for_lost_nodes(self, out: Output, hosts: dict[int, str]) -> None:
+        """Lost nodes (by node rank, with their hosts) that no recovery in place can replace end the job."""
+        nodes, several = sorted(hosts), len(hosts) > 1
+        self._fail(out, f"node{'s' if several else ''} {', '.join(map(str, nodes))} "
+                        f"({', '.join(sorted(set(hosts.values())))}) {'were' if several else 'was'} lost; the job "
+                        f"cannot continue without {'them' if several else 'it'}")
 
     def _begin_recovery(self, out: Output, now: float, ranks: set[int], cause: Failure) -> None:
         """Replace `ranks` and move every healthy rank to a new generation, keeping its process."""
