@@ -20,6 +20,7 @@ import click
 from flashrun import __version__
 from flashrun.config import (
     DEFAULT_RDZV_PORT,
+    NODES_PER_STORE_SHARD,
     Detection,
     Endpoint,
     LaunchConfig,
@@ -99,6 +100,8 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
          help="Full restarts of all workers after a failure before the job fails.")
 @click.option("--max-recoveries", default=100, type=click.IntRange(min=0), show_default=True,
               help="In-place recoveries (scripts using flashrun's step loop) before falling back to --max-restarts.")
+@click.option("--store-shard-nodes", default=NODES_PER_STORE_SHARD, type=click.IntRange(min=0), show_default=True,
+              help="Split the store work of a recovery over one store server per this many nodes (0: one server).")
 @_option("--monitor-interval", default=0.1, type=click.FloatRange(min=0, min_open=True), show_default=True,
          help="Accepted for compatibility: flashrun learns of exits from the OS wait, without polling.")
 @_option("--start-method", default="spawn", type=click.Choice(["spawn"]), show_default=True,
@@ -242,6 +245,7 @@ def build_config(options: Mapping[str, object], env: Mapping[str, str]) -> Launc
         local_ranks_filter=parse_local_ranks_filter(str(options["local_ranks_filter"]), nproc),
         local_addr=options["local_addr"],  # type: ignore[arg-type]
         max_recoveries=int(options.get("max_recoveries", 100)),  # type: ignore[call-overload]
+        store_shard_nodes=int(options.get("store_shard_nodes", NODES_PER_STORE_SHARD)),  # type: ignore[call-overload]
         timeouts=timeouts_from_rdzv_conf(rdzv_conf, shutdown_timeout),  # type: ignore[arg-type]
         detection=_detection(options, node_timeout_from_rdzv_conf(rdzv_conf)),
         prewarm=bool(options.get("prewarm", True)),
@@ -298,6 +302,8 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
          help="Full restarts of all workers after a failure before the job fails.")
 @click.option("--max-recoveries", default=100, type=click.IntRange(min=0), show_default=True,
               help="In-place recoveries before falling back to --max-restarts.")
+@click.option("--store-shard-nodes", default=NODES_PER_STORE_SHARD, type=click.IntRange(min=0), show_default=True,
+              help="Split the store work of a recovery over one store server per this many nodes (0: one server).")
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
 @_option("--log-dir", default=None, help="Where events.jsonl is written.")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
@@ -319,6 +325,7 @@ def coordinator(**options: object) -> None:
             stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
             max_recoveries=int(options["max_recoveries"]),  # type: ignore[call-overload]
             allow_inject=bool(options["allow_inject"]),
+            nodes_per_store_shard=int(options["store_shard_nodes"]),  # type: ignore[call-overload]
         )
         log_dir = os.path.abspath(str(options["log_dir"])) if options["log_dir"] else None
         store_host = str(options["master_addr"] or bind.host)

@@ -1,7 +1,7 @@
-"""Enough file descriptors for the coordinator's process: about four per node (each agent's gRPC stream and its
-three connections to the job's store), more than the soft limit of 1,024 that many clusters default to allows
-beyond about 190 nodes. Past that, the store server and the gRPC server fail to accept connections, and agents time
-out with nothing pointing at the cause.
+"""Enough file descriptors for the coordinator's process: up to six per node (each agent's gRPC stream, its three
+connections to its shard of the job's store and, in a sharded job, two to the root store), more than the soft limit
+of 1,024 that many clusters default to allows beyond about 120 nodes. Past that, the store server and the gRPC server
+fail to accept connections, and agents time out with nothing pointing at the cause.
 
 The soft limit is raised only as far as the job needs and the hard limit allows. The coordinator shares its process
 with the agent of the node that hosts it, whose workers would inherit the raised limit: the agent gives each process
@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import resource
 
-DESCRIPTORS_PER_NODE = 4
-"""An agent's gRPC stream and its three store connections (two for the barrier, one watching for notices)."""
+DESCRIPTORS_PER_NODE = 6
+"""An agent's gRPC stream, its three store connections (two for the barrier, one watching for notices) and, in a
+sharded job (agent/store_barrier.py), two to the root store. An unsharded job needs four of them."""
 DESCRIPTORS_SPARE = 256
 """The rest of the process: listening sockets, the event log, a hosting node's own workers' pipes and logs."""
 

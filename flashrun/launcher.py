@@ -203,7 +203,7 @@ def _host_coordinator(
         run_id=config.run_id, token=config.token, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
         max_restarts=config.max_restarts,
         stop_ack_s=config.timeouts.stop_ack_s, detection=config.detection, max_recoveries=config.max_recoveries,
-        allow_inject=config.allow_inject,
+        allow_inject=config.allow_inject, nodes_per_store_shard=config.store_shard_nodes,
     )
     store_host = config.master_addr or endpoint.host
     server = CoordinatorServer(spec, bind, store_host, config.master_port, events)

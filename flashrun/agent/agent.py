@@ -290,7 +290,8 @@ class Agent:
 
     def _place_barrier(self, start: pb.StartWorkers) -> None:
         """Before any worker of `start.generation` is commanded or spawned: older barriers are superseded first."""
-        self._barrier.place(self._master_addr(start), start.master_port, start.nnodes, start.generation)
+        self._barrier.place(self._master_addr(start), start.master_port, start.nnodes, start.generation,
+                            start.node_rank, start.nodes_per_shard, start.control_port)
 
     def _on_arrival(self, local_rank: int, pid: int, generation: int) -> None:
         """A worker waits at a generation's barrier (on its beat reader's thread)."""
@@ -332,7 +333,7 @@ class Agent:
             moved.generation = notice.generation
             self._recover(pb.Recover(generation=notice.generation, respawn_local_ranks=respawn, placement=moved),
                           urgent=False)
-        self._barrier.acknowledge(notice.generation, notice.acks_expected)
+        self._barrier.acknowledge(notice.generation, notice.acks_expected, notice.shards_acking)
 
     def _recover(self, recover: pb.Recover, urgent: bool = True) -> None:
         """In place: replace the faulty local workers, move the healthy ones to the new generation."""

@@ -13,7 +13,9 @@ without its arrival the barrier cannot complete anywhere.
 
 `NodeArrivals` decides (pure); `NodeBarrier` carries the decisions out on the store, on two threads of its own. A
 third thread, on a third connection, watches the store for the next generation's notice (agent/generation_notice.py)
-and acknowledges the notices the agent acted on.
+and acknowledges the notices the agent acted on. In a sharded job (store_barrier.py) these three connections go to
+the node's shard, and two more to the root store, for the arrival and release a node makes there when it completes
+its shard.
 """
 
 from __future__ import annotations
@@ -138,26 +140,37 @@ class NodeBarrier:
         self._send = send
         self._deadline_s = deadline_s
         self._lock = threading.Lock()
-        self._store_at: tuple[str, int] | None = None
+        self._store_at: tuple[str, int, int, int, int] | None = None
+        """The job's store (host, port), and the node's shard of it (its store's port, its index, how many)."""
         self._nodes = 0
+        """The nodes that arrive where this one does (its shard's, when sharded)."""
+        self._connected_at: tuple[str, int, int, int, int] = ("", 0, 0, 0, 1)
+        """`_store_at` as of the connections made (on the ops thread)."""
+        self._root: tuple[Any, Any] | None = None
+        """Sharded: two connections to the root store (the job's), for a node that completes its shard."""
         self._ops: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._waits: queue.SimpleQueue[store_barrier.GenerationBarrier | None] = queue.SimpleQueue()
         self._connections: tuple[Any, Any] | None = None
         self._broken = ""
         self._threads_started = False
 
-    def place(self, host: str, port: int, nodes: int, generation: int) -> None:
+    def place(self, host: str, port: int, nodes: int, generation: int, node_rank: int = 0,
+              nodes_per_shard: int = 0, shard_port: int = 0) -> None:
         """The node's placement (StartWorkers or Recover): where the job's store is (a full restart moves it), how
-        many nodes arrive, and the generation the node is in now. Older barriers are superseded on the old store."""
+        many nodes arrive, the generation the node is in now, and (sharded) the node's shard of the store, whose
+        server listens at `shard_port`. Older barriers are superseded on the old store."""
+        index, arriving = store_barrier.shard_of(node_rank, nodes, nodes_per_shard)
+        shards = store_barrier.shard_count(nodes, nodes_per_shard)
+        at = (host, port, (shard_port or port) if shards > 1 else port, index, shards)
         with self._lock:
             decision = self._state.supersede_below(generation)
             self._generation = max(self._generation, generation)
-            self._nodes = nodes
-            moved = (host, port) != self._store_at
-            self._store_at = (host, port)
+            self._nodes = arriving
+            moved = at != self._store_at
+            self._store_at = at
         self._carry_out(decision)
         if moved:
-            self._ops.put(("connect", (host, port)))
+            self._ops.put(("connect", at))
 
     def prepare(self) -> None:
         """Connect to the store now (a worker attached: its first barrier is coming)."""
@@ -184,9 +197,9 @@ class NodeBarrier:
         """A watch waits on the current store for the next generation's notice."""
         return self._watching
 
-    def acknowledge(self, generation: int, expected: int) -> None:
+    def acknowledge(self, generation: int, expected: int, shards_acking: int = 1) -> None:
         """The agent acted on `generation`'s notice."""
-        self._ops.put(("acknowledge", (generation, expected)))
+        self._ops.put(("acknowledge", (generation, expected, shards_acking)))
 
     def close(self) -> None:
         with self._lock:
@@ -208,22 +221,35 @@ class NodeBarrier:
             decision = self._state.resolved(generation, outcome, detail)
         self._carry_out(decision)
 
-    def _connect(self, host: str, port: int) -> None:
-        self._connections, self._broken = None, ""
+    def _connect(self, host: str, port: int, shard_port: int, shard: int, shards: int) -> None:
+        self._connections, self._root, self._broken = None, None, ""
+        self._connected_at = (host, port, shard_port, shard, shards)
         with self._lock:
             self._watch_id += 1
             watch_id = self._watch_id
             self._watching = False
         try:
-            self._connections = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
+            self._connections = store_barrier.connect(host, shard_port, STORE_CONNECT_TIMEOUT_S)
+            if shard_port != port:
+                self._root = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - any failure to connect ends the same way
-            self._broken = f"the agent cannot reach the job's store at {host}:{port}: {err}"
+            self._connections = None
+            self._broken = f"the agent cannot reach the job's store at {host}:{shard_port}: {err}"
             return
         if self._on_notice is not None:
-            threading.Thread(target=self._watch, args=(watch_id, host, port), name="flashrun-notice-watch",
-                             daemon=True).start()
+            threading.Thread(target=self._watch, args=(watch_id, host, shard_port, shard, shards),
+                             name="flashrun-notice-watch", daemon=True).start()
 
-    def _watch(self, watch_id: int, host: str, port: int) -> None:
+    def _shard(self) -> store_barrier.Shard | None:
+        """Where this node arrives beyond its shard (None: unsharded, its store is the root)."""
+        _, _, _, index, shards = self._connected_at
+        if shards == 1:
+            return None
+        root = self._root or self._connections
+        assert root is not None
+        return store_barrier.Shard(index, shards, *root)
+
+    def _watch(self, watch_id: int, host: str, port: int, shard: int, shards: int) -> None:
         """Wait for each next generation's notice and hand it to the agent. A store move (full restart) leaves this
         thread blocked on the old store until that store goes away; its notices are not delivered."""
         assert self._on_notice is not None
@@ -235,7 +261,7 @@ class NodeBarrier:
                 self._watching = True
                 generation = self._generation + 1
             while True:
-                notice = generation_notice.await_notice(connection, generation, NOTICE_WAIT_S)
+                notice = generation_notice.await_notice(connection, generation, NOTICE_WAIT_S, shard, shards)
                 with self._lock:
                     if watch_id != self._watch_id:
                         return
@@ -257,14 +283,16 @@ class NodeBarrier:
                 continue
             if action == "acknowledge":
                 if self._connections is not None:
+                    generation, expected, shards_acking = argument
                     with contextlib.suppress(Exception):  # unacknowledged, the coordinator sends a Recover instead
-                        generation_notice.acknowledge(self._connections[0], *argument)
+                        generation_notice.acknowledge(self._connections[0], generation, expected, self._shard(),
+                                                      shards_acking)
                 continue
             generation = argument
             if self._connections is None:
                 self._resolved(generation, ERROR, self._broken or "the agent has no store to arrive at")
                 continue
-            barrier = store_barrier.GenerationBarrier(*self._connections, generation, self._nodes)
+            barrier = store_barrier.GenerationBarrier(*self._connections, generation, self._nodes, self._shard())
             try:
                 if action == "arrive":
                     barrier.arrive()

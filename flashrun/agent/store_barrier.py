@@ -15,11 +15,21 @@ wait for 5 s when the resolver dropped a query). Why compare_set: the first rele
 "complete" (all arrived: the group forms, and a newer generation is handled after it) or everyone sees "superseded";
 no rank enters gloo's rendezvous, which cannot be aborted, while others give up.
 
+Sharded (`Shard`, more than NODES_PER_STORE_SHARD nodes): the nodes are split into shards of consecutive node ranks,
+each with a store server of its own in the coordinator's process, so that no one server thread handles every node's
+operations. A node arrives and waits on its shard's store (keys `flashrun/g{G}/s{i}/...`); the node whose arrival
+completes its shard, the shard's closer, arrives once for it at the root store (the job's own, `shards_arrived`), and
+the closer of the last shard releases the root. Each closer waits for the root's release and copies it to its shard.
+A release of the root always wins there first and is then copied (never decided per shard), so every node of every
+shard sees the same outcome. The root's server then does O(shards) operations per generation and each shard's
+O(its nodes), in parallel on a host with the cores. With one shard its keys are the root's and nothing is copied.
+
 Imports torch.distributed only when a store connection is opened, so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -33,34 +43,94 @@ def barrier_key(generation: int, name: str) -> str:
     return f"flashrun/g{generation}/{name}"
 
 
+def shard_count(nnodes: int, nodes_per_shard: int) -> int:
+    """How many store shards a generation of `nnodes` nodes uses (1 when `nodes_per_shard` is 0: unsharded)."""
+    return 1 if nodes_per_shard <= 0 else max(1, -(-nnodes // nodes_per_shard))
+
+
+def shard_of(node_rank: int, nnodes: int, nodes_per_shard: int) -> tuple[int, int]:
+    """The shard node `node_rank` arrives in, and how many nodes arrive there."""
+    count = shard_count(nnodes, nodes_per_shard)
+    if count == 1:
+        return 0, nnodes
+    index = node_rank // nodes_per_shard
+    return index, min(nodes_per_shard, nnodes - index * nodes_per_shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """A node's place in a sharded generation: shard `index` of `count`, and the root store's two connections (the
+    job's store; a blocking get holds the second)."""
+
+    index: int
+    count: int
+    root: Any
+    root_waiter: Any
+
+
+def shard_key(generation: int, name: str, shard: int, shards: int) -> str:
+    """A shard's own key; with one shard, the root's."""
+    return barrier_key(generation, name if shards == 1 else f"s{shard}/{name}")
+
+
 class GenerationBarrier:
     """One participant's view of a generation's barrier: `arrive`, then `await_release`.
 
-    `store` and `waiter` are two client connections to the same store server: a blocking get holds its
-    connection until it returns, and a release must still be able to write.
+    `store` and `waiter` are two client connections to the participant's store server (its shard's, when `shard` is
+    given): a blocking get holds its connection until it returns, and a release must still be able to write.
+    `participants`: the nodes that arrive there.
     """
 
-    def __init__(self, store: Any, waiter: Any, generation: int, participants: int) -> None:
+    def __init__(self, store: Any, waiter: Any, generation: int, participants: int,
+                 shard: Shard | None = None) -> None:
         self.store = store
         self.waiter = waiter
         self.generation = generation
         self.participants = participants
+        self.shard = shard
+        self.closed_shard = False
+        """This node's arrival completed its shard: it copies the root's release there."""
+
+    def _key(self, name: str) -> str:
+        if self.shard is None:
+            return barrier_key(self.generation, name)
+        return shard_key(self.generation, name, self.shard.index, self.shard.count)
 
     def arrive(self) -> None:
-        if int(self.store.add(barrier_key(self.generation, "arrived"), 1)) == self.participants:
+        if int(self.store.add(self._key("arrived"), 1)) != self.participants:
+            return
+        if self.shard is None:
             self.release(COMPLETE)
+            return
+        self.closed_shard = True
+        if int(self.shard.root.add(barrier_key(self.generation, "shards_arrived"), 1)) == self.shard.count:
+            self.shard.root.compare_set(barrier_key(self.generation, "released"), b"", COMPLETE)
 
     def release(self, outcome: bytes) -> None:
-        """First release wins; later ones leave it as it is."""
-        self.store.compare_set(barrier_key(self.generation, "released"), b"", outcome)
+        """First release wins; later ones leave it as it is. Sharded, the root's release is decided first and copied
+        to this node's shard (other shards get it from their closers, or from the coordinator's next notice)."""
+        if self.shard is None:
+            self.store.compare_set(barrier_key(self.generation, "released"), b"", outcome)
+            return
+        decided = self.shard.root.compare_set(barrier_key(self.generation, "released"), b"", outcome)
+        self.store.compare_set(self._key("released"), b"", decided)
 
     def await_release(self, deadline_s: float) -> bytes:
         """The release (COMPLETE or SUPERSEDED), pushed by the server; TimeoutError after `deadline_s`."""
-        released = await_value(self.waiter, barrier_key(self.generation, "released"), deadline_s)
+        if self.closed_shard:
+            assert self.shard is not None
+            decided = await_value(self.shard.root_waiter, barrier_key(self.generation, "released"), deadline_s)
+            if decided is not None:
+                return bytes(self.waiter.compare_set(self._key("released"), b"", decided))
+            arrived = int(self.shard.root.add(barrier_key(self.generation, "shards_arrived"), 0))
+            raise TimeoutError(f"only {arrived} of {self.shard.count} store shards reached generation "
+                               f"{self.generation} within {deadline_s:.1f} s")
+        released = await_value(self.waiter, self._key("released"), deadline_s)
         if released is not None:
             return released
-        arrived = int(self.store.add(barrier_key(self.generation, "arrived"), 0))  # the failure path only
-        raise TimeoutError(f"only {arrived} of {self.participants} nodes reached generation {self.generation} "
+        arrived = int(self.store.add(self._key("arrived"), 0))  # the failure path only
+        where = "" if self.shard is None else f" of store shard {self.shard.index}"
+        raise TimeoutError(f"only {arrived} of {self.participants} nodes{where} reached generation {self.generation} "
                            f"within {deadline_s:.1f} s")
 
 

@@ -26,7 +26,8 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flashrun.config import PROTOCOL_VERSION, Detection
+from flashrun.agent.store_barrier import shard_count, shard_of
+from flashrun.config import NODES_PER_STORE_SHARD, PROTOCOL_VERSION, Detection
 from flashrun.coordinator.detector import Detected, FailureDetector, RankReport
 from flashrun.coordinator.ranks import Member, NodeAssignment, assign_ranks
 from flashrun.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNRECOVERABLE
@@ -69,6 +70,8 @@ class JobSpec:
     two summary intervals at 4,096 nodes (2.4 s each), so that most agents have been seen by then."""
     allow_inject: bool = False
     """`flashrun inject` may inject faults (--allow-inject): without it no one can kill this job's workers."""
+    nodes_per_store_shard: int = NODES_PER_STORE_SHARD
+    """Nodes per shard of the store's recovery work (config.NODES_PER_STORE_SHARD; 0: one shard)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +159,8 @@ class Publish:
     direct_nodes: tuple[int, ...]
     """Nodes told by a Recover message instead (or lost): they ignore the notice."""
     acks_expected: int
+    acks_by_shard: tuple[int, ...] = ()
+    """Of `acks_expected`, how many on each store shard (agent/store_barrier.py), in shard order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -794,7 +799,8 @@ class Job:
         direct_nodes = {self.assignments[a].node_rank for a in direct} | lost_nodes
         out.commands.append(Publish(
             self.generation, {self.assignments[a].node_rank: r for a, r in self._respawn.items()},
-            tuple(sorted(direct_nodes)), len(self._noticed)))
+            tuple(sorted(direct_nodes)), len(self._noticed),
+            _acks_by_shard(nnodes, self.spec.nodes_per_store_shard, [self.assignments[a].node_rank for a in direct])))
         for agent_id in sorted(direct):
             out.commands.append(Recover(agent_id, self.generation, self._respawn.get(agent_id, ()),
                                         self.assignments[agent_id], world_size, nnodes))
@@ -994,6 +1000,16 @@ class Job:
         assert self.exit_code is not None
         for agent_id in [*self.members, *self.spares]:
             out.commands.append(Shutdown(agent_id, self.exit_code, self.summary))
+
+
+def _acks_by_shard(nnodes: int, nodes_per_shard: int, direct: Iterable[int]) -> tuple[int, ...]:
+    """The agents that acknowledge a notice on each shard: every node of the shard but those told directly.
+    O(shards + direct nodes), not O(nodes): it runs before the notice goes out."""
+    counts = [shard_of(index * nodes_per_shard, nnodes, nodes_per_shard)[1]
+              for index in range(shard_count(nnodes, nodes_per_shard))]
+    for node_rank in direct:
+        counts[shard_of(node_rank, nnodes, nodes_per_shard)[0]] -= 1
+    return tuple(counts)
 
 
 def _ranks_by_node(assignments: Iterable[NodeAssignment]) -> dict[int, range]:

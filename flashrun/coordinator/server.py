@@ -7,7 +7,9 @@ touched under a lock because `status()` and `abort()` are also called from the l
 It also hosts the TCPStore the workers rendezvous on (MASTER_ADDR:MASTER_PORT). Workers under torchrun's agent
 store do not prefix their keys by attempt, so every generation gets a fresh store. An in-place recovery keeps the
 store and is published there once for the agents that watch it (agent/generation_notice.py); `RecoveryWatch` tells
-the job when they acknowledged it and when the new generation's barrier was released.
+the job when they acknowledged it and when the new generation's barrier was released. A job of more than
+`JobSpec.nodes_per_store_shard` nodes gets more store servers, one per shard of its nodes, for that recovery work
+(agent/store_barrier.py); the workers' keys stay on the first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import hmac
 import json
@@ -29,7 +32,7 @@ import grpc
 from flashrun import descriptors
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun._proto import flashrun_pb2_grpc as pb_grpc
-from flashrun.agent import generation_notice
+from flashrun.agent import generation_notice, store_barrier
 from flashrun.agent.agent import local_agent_id
 from flashrun.config import Endpoint
 from flashrun.coordinator import job as jobs
@@ -80,6 +83,23 @@ def _store_factory(host: str, port: int) -> Any:
     return dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stores:
+    """A generation's store servers: the job's (the workers' and the root of the recovery work), and one per shard of
+    the nodes, the first of them the job's (agent/store_barrier.py)."""
+
+    job: Any
+    shards: tuple[Any, ...]
+    nodes_per_shard: int
+    """0: one shard, the job's store."""
+
+    def control_port(self, node_rank: int, nnodes: int) -> int:
+        """Where `node_rank` arrives and watches; 0 when that is the job's store (unsharded)."""
+        if len(self.shards) == 1:
+            return 0
+        return int(self.shards[store_barrier.shard_of(node_rank, nnodes, self.nodes_per_shard)[0]].port)
+
+
 class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def __init__(
         self, spec: jobs.JobSpec, bind: Endpoint, store_host: str, first_store_port: int | None,
@@ -93,7 +113,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
         self._on_finished = on_finished
         self._lock = threading.Lock()
         self._outboxes: dict[str, _Outbox] = {}
-        self._stores: collections.deque[Any] = collections.deque(maxlen=2)
+        self._stores: collections.deque[_Stores] = collections.deque(maxlen=2)
         self._next_store: Any = None
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
         self._status_cache: dict[int, tuple[float, dict[str, Any]]] = {}
@@ -404,7 +424,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                 self._send(command.agent_id, pb.CoordinatorMessage(recover=pb.Recover(
                     generation=command.generation, respawn_local_ranks=command.respawn_local_ranks,
                     placement=self._placement(command.generation, a.node_rank, a.rank_offset, command.world_size,
-                                              command.nnodes, self._stores[-1].port),
+                                              command.nnodes, self._stores[-1]),
                 )))
             elif isinstance(command, jobs.Publish):
                 settle = True  # published above
@@ -431,18 +451,28 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     def _publish(self, command: jobs.Publish) -> jobs.Event | None:
         """One store operation for every watching agent, whatever their number; the rest get a Recover message.
         Returns the `notice_failed` event when the store refused it (the job then falls back to messages)."""
-        store = self._stores[-1]
+        stores = self._stores[-1]
         notice = pb.GenerationNotice(
             generation=command.generation, direct_nodes=command.direct_nodes, acks_expected=command.acks_expected,
             respawn=[pb.NodeRespawn(node_rank=node, local_ranks=ranks)
                      for node, ranks in sorted(command.respawn.items())],
         )
+        notices = [(stores.job, notice)]
+        if len(stores.shards) > 1:
+            acks = command.acks_by_shard
+            notice.shards_acking = sum(1 for count in acks if count)
+            notices = []
+            for shard, count in zip(stores.shards, acks, strict=True):
+                own = pb.GenerationNotice()
+                own.CopyFrom(notice)
+                own.acks_expected = count
+                notices.append((shard, own))
         try:
-            generation_notice.publish(store, notice)
+            generation_notice.publish_sharded(stores.job, notices)
         except Exception as err:  # noqa: BLE001 - the job falls back to Recover messages (JobSpec.notice_fallback_s)
             return jobs.Event("notice_failed", command.generation, {"detail": str(err)})
         if self._watch is not None:
-            self._watch.follow(store.port, command.generation, command.acks_expected > 0)
+            self._watch.follow(stores.job.port, command.generation, command.acks_expected > 0)
         return None
 
     def _pause_collector(self) -> None:
@@ -463,21 +493,30 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             except Exception as err:  # noqa: BLE001 - any failure to host the store ends the job with its reason
                 self._apply(self._job.abort(f"cannot host the workers' TCPStore: {err}"))
                 return
-        self._stores.append(store)  # the previous generation's store stays until this one is in use
+        per = self._job.spec.nodes_per_store_shard
+        try:
+            shards = (store, *(_store_factory(self._store_host, 0)
+                               for _ in range(store_barrier.shard_count(command.nnodes, per) - 1)))
+        except Exception as err:  # noqa: BLE001 - as for the job's store
+            self._apply(self._job.abort(f"cannot host the store's shards: {err}"))
+            return
+        stores = _Stores(store, shards, per if len(shards) > 1 else 0)
+        self._stores.append(stores)  # the previous generation's stores stay until these are in use
         if self._watch is not None:
             self._watch.use_store(store.port)
         for agent_id, a in command.assignments.items():
             self._send(agent_id, pb.CoordinatorMessage(start=self._placement(
-                command.generation, a.node_rank, a.rank_offset, command.world_size, command.nnodes, store.port)))
+                command.generation, a.node_rank, a.rank_offset, command.world_size, command.nnodes, stores)))
         _settle_heap()
 
     def _placement(self, generation: int, node_rank: int, rank_offset: int, world_size: int, nnodes: int,
-                   store_port: int) -> pb.StartWorkers:
+                   stores: _Stores) -> pb.StartWorkers:
         # An in-place recovery keeps the store: healthy workers keep their connection, on a new key namespace.
         detection = self._job.spec.detection
         return pb.StartWorkers(
             generation=generation, node_rank=node_rank, nnodes=nnodes, world_size=world_size,
-            rank_offset=rank_offset, master_addr="", master_port=store_port,
+            rank_offset=rank_offset, master_addr="", master_port=stores.job.port,
+            control_port=stores.control_port(node_rank, nnodes), nodes_per_shard=stores.nodes_per_shard,
             max_restarts=self._job.spec.max_restarts,
             detection=pb.Detection(heartbeat_interval_s=detection.heartbeat_interval_s,
                                    summary_interval_s=detection.summary_interval_s(nnodes),

@@ -201,12 +201,12 @@ def workers_by_rank(launcher: Launcher) -> dict[int, int]:
     return found
 
 
-def two_watching_nodes(launcher: Launcher, tmp_path: Path) -> tuple[Launch, Launch, Path, Path]:
-    """Two launchers of two ranks each, node 0 hosting the coordinator (its log dir), trained past step 10, the job
-    known recoverable and both agents watching the store for notices: (node0, node1, logs, out)."""
+def two_watching_nodes(launcher: Launcher, tmp_path: Path, *options: str) -> tuple[Launch, Launch, Path, Path]:
+    """Two launchers of two ranks each (with `options`), node 0 hosting the coordinator (its log dir), trained past
+    step 10, the job known recoverable and both agents watching the store for notices: (node0, node1, logs, out)."""
     logs, out = tmp_path / "logs", tmp_path / "out.pt"
     endpoint = f"127.0.0.1:{free_port()}"
-    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint]
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint, *options]
     node0 = launcher.flashrun(*common, "--node-rank", "0", "--log-dir", str(logs), *train_args(out), name="node0")
     wait_for(lambda: "coordinator listening" in node0.output, 60, "the coordinator")
     node1 = launcher.flashrun(*common, "--node-rank", "1", *train_args(out), name="node1")
@@ -234,6 +234,34 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
         == (2, b"acked")
     phases = [e["phase"] for e in named(logs, "recovery_phase") if e["generation"] == generation]
     assert {"acknowledged", "rendezvous"} <= set(phases)
+    assert named(logs, "notice_fallback") == []
+    del store
+    finish(launcher, node0, logs)
+    assert node1.wait(60) == 0, node1.output
+    assert_same_model(out, reference[4], node0.output, 4)
+
+
+def test_a_job_of_one_node_per_store_shard_recovers_in_place_through_the_root(launcher: Launcher, tmp_path: Path,
+                                                                             reference: dict) -> None:
+    """--store-shard-nodes 1: each node watches, acknowledges and arrives on a store server of its own, and passes
+    one arrival and one acknowledgement on to the root (the job's store), where the coordinator watches. A crashed
+    worker is replaced in place, through the shards, with nothing lost."""
+    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path, "--store-shard-nodes", "1")
+    before = workers_by_rank(launcher)
+    env = environ(before[0])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    os.kill(before[3], signal.SIGKILL)
+    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
+    generation = named(logs, "recovered")[0]["generation"]
+    root = [int(store.add(f"flashrun/g{g}/shards_arrived", 0)) for g in (0, generation)]
+    shard0 = [int(store.add(f"flashrun/g{g}/s0/arrived", 0)) for g in (0, generation)]  # node 0's shard is the root's
+    assert (root, shard0) == ([2, 2], [1, 1])
+    assert [store.get(f"flashrun/g{g}/{k}") for g in (0, generation) for k in ("released", "s0/released")] \
+        == [b"complete"] * 4
+    assert (int(store.add(f"flashrun/g{generation}/shards_acked", 0)), store.get(f"flashrun/g{generation}/all_acked")) \
+        == (2, b"acked")
+    assert [store.check([f"flashrun/g{generation}/{key}"]) for key in ("arrived", "s1/arrived")] == [False, False]
     assert named(logs, "notice_fallback") == []
     del store
     finish(launcher, node0, logs)

@@ -223,7 +223,7 @@ def test_recovery_sends_one_recover_per_member_respawning_only_the_crashed_rank(
     out = exit_of(job, 3, now=CRASH_AT)
 
     assert out.commands == [
-        Publish(generation=1, respawn={1: (1,)}, direct_nodes=(0, 1), acks_expected=0),
+        Publish(generation=1, respawn={1: (1,)}, direct_nodes=(0, 1), acks_expected=0, acks_by_shard=(0,)),
         Recover("a0", generation=1, respawn_local_ranks=(), assignment=NodeAssignment(0, 0, 2), world_size=4,
                 nnodes=2),
         Recover("a1", generation=1, respawn_local_ranks=(1,), assignment=NodeAssignment(1, 2, 2), world_size=4,

@@ -35,7 +35,8 @@ def test_watching_agents_get_one_notice_and_no_recover_message() -> None:
     out = exit_of(job, 3, now=CRASH_AT)
 
     assert commands_of(out, Recover) == []
-    assert commands_of(out, Publish) == [Publish(generation=1, respawn={1: (1,)}, direct_nodes=(), acks_expected=3)]
+    assert commands_of(out, Publish) == [Publish(generation=1, respawn={1: (1,)}, direct_nodes=(), acks_expected=3,
+                                                         acks_by_shard=(3,))]
 
 
 def test_an_agent_not_known_to_watch_is_told_directly_and_left_out_of_the_count() -> None:
@@ -43,8 +44,18 @@ def test_an_agent_not_known_to_watch_is_told_directly_and_left_out_of_the_count(
 
     out = exit_of(job, 3, now=CRASH_AT)
 
-    assert commands_of(out, Publish) == [Publish(generation=1, respawn={1: (1,)}, direct_nodes=(1,), acks_expected=2)]
+    assert commands_of(out, Publish) == [Publish(generation=1, respawn={1: (1,)}, direct_nodes=(1,), acks_expected=2,
+                                                         acks_by_shard=(2,))]
     assert [(c.agent_id, c.respawn_local_ranks) for c in commands_of(out, Recover)] == [("a1", (1,))]
+
+
+def test_a_sharded_notice_counts_each_shards_acknowledgements_without_the_nodes_told_directly() -> None:
+    job = watching_job(nnodes=5, watching={"a0", "a2", "a3", "a4"}, nodes_per_store_shard=2)  # shards [0 1] [2 3] [4]
+
+    out = exit_of(job, 3, now=CRASH_AT)
+
+    (publish,) = commands_of(out, Publish)
+    assert (publish.direct_nodes, publish.acks_expected, publish.acks_by_shard) == ((1,), 4, (1, 2, 1))
 
 
 def test_an_agent_that_stopped_watching_is_told_directly_at_the_next_recovery() -> None:
@@ -144,7 +155,7 @@ def test_a_spare_taking_over_is_told_directly_and_the_lost_node_ignores_the_noti
     out = job.disconnect("a1", now=CRASH_AT)
 
     assert commands_of(out, Publish) == [Publish(generation=1, respawn={1: (0, 1)}, direct_nodes=(1,),
-                                                 acks_expected=1)]
+                                                 acks_expected=1, acks_by_shard=(1,))]
     assert commands_of(out, Recover) == [Recover("spare", generation=1, respawn_local_ranks=(0, 1),
                                                  assignment=NodeAssignment(1, 2, 2), world_size=4, nnodes=2)]
 
