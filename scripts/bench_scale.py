@@ -18,7 +18,7 @@ agent per trial, and measures:
   barrier (last), counted from the failure;
 - notice fallbacks: how often the coordinator sent Recover messages after all because the notice's acknowledgements
   were late (`notice_fallback` events over the whole run of a size; it should be 0);
-- the coordinator process's CPU time during that recovery, and of it the TCPStore server thread's, and the simulator
+- the coordinator process's CPU time during that recovery, and of it its TCPStore server threads', and the simulator
   processes' CPU time (where the 2 cores went);
 - the coordinator's CPU share (of one core) and resident memory in steady state, default heartbeat interval.
 
@@ -165,7 +165,8 @@ class Job:
              "--log-dir", workdir,
              # Simulated ranks are not coupled by collectives: a frozen node would only stall the job's slowest
              # step, which the stall check (3 s floor) would report before the node timeout (10 s) it measures.
-             "--stall-timeout", str(STALL_TIMEOUT_S)],
+             "--stall-timeout", str(STALL_TIMEOUT_S),
+             *([] if args.store_shard_nodes is None else ["--store-shard-nodes", str(args.store_shard_nodes)])],
             env=self.env, stdout=subprocess.DEVNULL, stderr=open(Path(workdir, "coordinator.log"), "w"),  # noqa: SIM115
             start_new_session=True,
         )
@@ -394,6 +395,8 @@ def main() -> None:
     parser.add_argument("--steady-s", type=float, default=10.0, help="steady-state CPU measurement window")
     parser.add_argument("--step-s", type=float, default=0.1, help="simulated step time")
     parser.add_argument("--no-store", action="store_true", help="skip the nodes' store barrier on recovery")
+    parser.add_argument("--store-shard-nodes", type=int, default=None,
+                        help="the coordinator's --store-shard-nodes (default: flashrun's, 256; 0: one store server)")
     parser.add_argument("--soak-s", type=float, default=0.0, help="instead: run one size this long, sample memory")
     parser.add_argument("--soak-sample-s", type=float, default=10.0)
     parser.add_argument("--soak-losses", action="store_true",

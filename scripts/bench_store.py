@@ -1,15 +1,19 @@
-"""The store side of a generation change at scale: N simulated ranks against ONE real TCPStore server.
+"""The store side of a generation change at scale: N simulated ranks against real TCPStore servers.
 
 Measures the barrier a new generation passes before its process group forms (flashrun/agent/store_barrier.py: the
-real `GenerationBarrier`, imported, not copied), in three designs:
-- node (flashrun's): each node's agent arrives once for its ranks, and waits once (flashrun/agent/node_barrier.py);
-  the local hop from the ranks to their agent is not part of this benchmark;
+real `GenerationBarrier`, imported, not copied), in four designs:
+- shard (flashrun's beyond --shard-nodes nodes): as node, but each shard of --shard-nodes nodes arrives and waits on
+  a store server of its own, and the node completing a shard passes it on to the root (the first server) and copies
+  the root's release back;
+- node (flashrun's up to --shard-nodes nodes): each node's agent arrives once for its ranks, and waits once on ONE
+  server (flashrun/agent/node_barrier.py); the local hop from the ranks to their agent is not part of this benchmark;
 - rank (the previous one): every rank arrives and waits on the store itself;
 - old (the one before): every rank arrives, then polls the count (a copy kept below, labelled).
 gloo's own rendezvous inside init_process_group is not part of this benchmark.
 
 Simulation (a 2-core machine cannot run 32,768 processes):
-- the server: torch.distributed.TCPStore(is_master=True) (libuv backend, torch's default) in this process;
+- the servers: torch.distributed.TCPStore(is_master=True) (libuv backend, torch's default) in this process, one for
+  every design but shard, which has one per shard (the first also the root), each a thread of its own;
 - --procs worker processes (spawned before the server starts), each with --threads threads;
 - one simulated node = 8 ranks sharing ONE client connection, plus one waiter connection (as an agent has two);
   in the rank design a node's 8 ranks issue their operations in turn on it: first all 8 arrive, then all 8 wait
@@ -24,6 +28,7 @@ Usage (project virtualenv; defaults take about 2-3 minutes, most of it the 32,76
 
     .venv/bin/python scripts/bench_store.py
     .venv/bin/python scripts/bench_store.py --ranks 64,512 --trials 3 --designs node
+    .venv/bin/python scripts/bench_store.py --ranks 32768 --designs shard,node
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # 5 s timeout and opening thousands of connections takes many minutes. Connections are opened before the clock
 # starts, so a shorter resolver timeout changes no measured number; it only makes the set-up finish.
 os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
+from flashrun.config import NODES_PER_STORE_SHARD  # noqa: E402
+
 RANKS_PER_NODE = 8
 STORE_TIMEOUT_S = 300.0
 """Client timeout: far beyond any barrier here, so a stuck trial fails loudly rather than quietly."""
@@ -96,6 +103,14 @@ def old_polling_barrier(stores: list[Any], generation: int, world_size: int) -> 
 def _drive(design: str, nodes: list[tuple[Any, Any]], generation: int, world_size: int) -> None:
     from flashrun.agent.store_barrier import COMPLETE, GenerationBarrier
 
+    if design == "shard":
+        barriers = [GenerationBarrier(store, waiter, generation, arriving, shard)
+                    for store, waiter, (arriving, shard) in nodes]
+        for barrier in barriers:
+            barrier.arrive()
+        for barrier in sorted(barriers, key=lambda b: not b.closed_shard):  # a closer copies its shard's release
+            assert barrier.await_release(STORE_TIMEOUT_S) == COMPLETE
+        return
     if design == "old":
         old_polling_barrier([store for store, _ in nodes], generation, world_size)
         return
@@ -117,27 +132,42 @@ def _run_share(design: str, share: list[tuple[Any, Any]], generation: int, world
     finished[index] = time.monotonic()
 
 
-def worker(port: int, node_count: int, threads: int, start: Any, commands: Any, results: Any) -> None:
+def worker(ports: list[int], first_node: int, node_count: int, shard_nodes: int, threads: int, start: Any,
+           commands: Any, results: Any) -> None:
     import torch.distributed as dist
+
+    from flashrun.agent.store_barrier import Shard, shard_count, shard_of
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ops: collections.Counter[str] = collections.Counter()
     timeout = datetime.timedelta(seconds=STORE_TIMEOUT_S)
 
-    def connect() -> Any:
+    def connect(port: int = ports[0]) -> Any:
         return CountingStore(dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
                                            timeout=timeout), ops)
 
     nodes = [(connect(), connect()) for _ in range(node_count)]
     shares = [nodes[i::threads] for i in range(threads)]
+    sharded: list[list[Any]] = []
+    """The shard design's nodes: connections to their shard's server and to the root, as a sharded job's agent's."""
     results.put(("ready", None))
     while (command := commands.get()) is not None:
         design, generation, world_size = command
+        if design == "shard" and not sharded:
+            nnodes = world_size // RANKS_PER_NODE
+            count = shard_count(nnodes, shard_nodes)
+            built = []
+            for node in range(first_node, first_node + node_count):
+                index, arriving = shard_of(node, nnodes, shard_nodes)
+                root = (connect(), connect()) if count > 1 else None
+                shard = Shard(index, count, *root) if root else None
+                built.append((connect(ports[index]), connect(ports[index]), (arriving, shard)))
+            sharded = [built[i::threads] for i in range(threads)]
         ops.clear()
         finished = [0.0] * threads
         pool = [threading.Thread(target=_run_share, args=(design, share, generation, world_size, start, finished, i))
-                for i, share in enumerate(shares) if share]
+                for i, share in enumerate(sharded if design == "shard" else shares) if share]
         for thread in pool:
             thread.start()
         results.put(("armed", None))
@@ -152,6 +182,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--procs", type=int, default=4, help="worker processes simulating the ranks")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
+    parser.add_argument("--shard-nodes", type=int, default=NODES_PER_STORE_SHARD,
+                        help="nodes per store server in the shard design (flashrun's --store-shard-nodes)")
     parser.add_argument("--designs", default="node,rank,old",
                         help="node (flashrun's: an arrival per node), rank (an arrival per rank), old (polling)")
     args = parser.parse_args()
@@ -159,7 +191,8 @@ def main() -> None:
     designs = args.designs.split(",")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    needed = 2 * max(sizes) // RANKS_PER_NODE + 100
+    per_node = 6 if "shard" in designs else 2  # the shard design's 4 connections come on top of the others' 2
+    needed = per_node * max(sizes) // RANKS_PER_NODE + 100
     if hard < needed:
         sys.exit(f"bench_store: error: RLIMIT_NOFILE hard limit {hard} < {needed} needed for {max(sizes)} ranks")
 
@@ -168,8 +201,14 @@ def main() -> None:
 
     # One server for every size (each trial has its own generation namespace): dropping a server that has served
     # thousands of connections was seen to hang this process.
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
+    def serve() -> Any:
+        return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
+
+    from flashrun.agent.store_barrier import shard_count
+
+    shards = shard_count(max(sizes) // RANKS_PER_NODE, args.shard_nodes) if "shard" in designs else 1
+    servers = [serve() for _ in range(shards)]
     rows = []
     generation = 0
     for world_size in sizes:
@@ -178,10 +217,13 @@ def main() -> None:
         results = ctx.Queue()
         start = ctx.Event()
         procs = []
+        first = 0
         for count in counts:
+            first += count
             if count:
                 commands = ctx.Queue()
-                proc = ctx.Process(target=worker, args=(server.port, count, args.threads, start, commands, results))
+                proc = ctx.Process(target=worker, args=([s.port for s in servers], first - count, count,
+                                                        args.shard_nodes, args.threads, start, commands, results))
                 proc.start()
                 procs.append((proc, commands))
         for _ in procs:
@@ -220,7 +262,8 @@ def main() -> None:
         mean_ops = {name: statistics.mean(trial.get(name, 0.0) for trial in per_rank)
                     for name in sorted({name for trial in per_rank for name in trial})}
         described = ", ".join(f"{name} {count:.3g}" for name, count in mean_ops.items() if name != "set_timeout")
-        label = {"node": "node: per node, add + release + blocking get",
+        label = {"shard": f"shard: as node, on a server per {args.shard_nodes} nodes, passed on to the root",
+                 "node": "node: per node, add + release + blocking get",
                  "rank": "rank: per rank, add + release + blocking get", "old": "old: add + poll every 2 ms"}[design]
         print(f"| {world_size} ({world_size // RANKS_PER_NODE}) | {label} | {statistics.median(times) * 1e3:.1f} ms "
               f"| {min(times) * 1e3:.1f} - {max(times) * 1e3:.1f} ms | {described} |")

@@ -78,6 +78,8 @@ class StoreEntry(NamedTuple):
     generation: int
     acks_expected: int | None
     """Acknowledge the generation's notice first (None: told by a Recover message, nothing to acknowledge)."""
+    shards_acking: int
+    """The notice's shards with acknowledgements (a sharded store, flashrun/agent/store_barrier.py)."""
     released: asyncio.Future[bytes] | None
     """Arrive at the generation's barrier; the future gets the release (None: only acknowledge)."""
 
@@ -110,7 +112,7 @@ class StorePools:
     def barrier(self, agent: SimulatedAgent, generation: int) -> asyncio.Future[bytes]:
         """The agent's arrival at `generation`'s barrier; the future gets the release."""
         released: asyncio.Future[bytes] = self._loop.create_future()
-        self._arrivals.put([StoreEntry(agent, generation, None, released)])
+        self._arrivals.put([StoreEntry(agent, generation, None, 1, released)])
         return released
 
     def watch(self, agent: SimulatedAgent) -> None:
@@ -158,7 +160,8 @@ class StorePools:
     @staticmethod
     def _await_notice(agent: SimulatedAgent, generation: int) -> pb.GenerationNotice | None:
         try:
-            return generation_notice.await_notice(agent.watcher, generation, WATCH_TIMEOUT_S)
+            return generation_notice.await_notice(agent.watcher, generation, WATCH_TIMEOUT_S, agent.shard_index,
+                                                  agent.shards)
         except Exception as err:  # noqa: BLE001 - this agent stops watching; the simulator goes on
             agent.watch_failed = True
             print(f"agent {agent.index}: watching generation {generation} failed: {err}", file=sys.stderr, flush=True)
@@ -175,10 +178,12 @@ class StorePools:
             if notice.generation > agent.generation:
                 agent.generation = notice.generation  # the placement stays: a notice moves no node
                 released: asyncio.Future[bytes] = self._loop.create_future()
-                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, released))
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, notice.shards_acking,
+                                          released))
                 rebuilds.append((agent, received, released))
             else:  # a Recover message came first: the coordinator still counts the acknowledgement
-                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, None))
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, notice.shards_acking,
+                                          None))
         if entries:
             self._arrivals.put(entries)
         for agent, received, released in rebuilds:
@@ -190,10 +195,10 @@ class StorePools:
         while True:
             batch = [entry for entries in self._drain(self._arrivals.get(), self._arrivals) for entry in entries]
             arrived, failed = [], []
-            for agent, generation, acks_expected, released in batch:
+            for agent, generation, acks_expected, shards_acking, released in batch:
                 try:
                     if acks_expected is not None:
-                        agent.acknowledge(generation, acks_expected)
+                        agent.acknowledge(generation, acks_expected, shards_acking)
                     if released is not None:
                         arrived.append((agent.arrive(generation), released))
                 except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
@@ -209,8 +214,10 @@ class StorePools:
     def _wait(self) -> None:
         while True:
             batches = self._drain(self._waits.get(), self._waits)
-            # The first wait blocks until the release; the rest of the generation's find it there.
-            done = [(released, self._await(barrier)) for batch in batches for barrier, released in batch]
+            # The first wait blocks until the release; the rest of the generation's find it there. Those that
+            # completed a shard go first: their shard's release is theirs to copy from the root.
+            waits = sorted((pair for batch in batches for pair in batch), key=lambda pair: not pair[0].closed_shard)
+            done = [(released, self._await(barrier)) for barrier, released in waits]
             self._loop.call_soon_threadsafe(self._resolve, done)
 
     def _await(self, barrier: store_barrier.GenerationBarrier) -> bytes:
@@ -244,6 +251,12 @@ class SimulatedAgent:
         self.world_size = 0
         self.nnodes = 0
         self.store_port = 0
+        """The job's store (the root of a sharded one)."""
+        self.shard_port = 0
+        """The agent's shard of the store (the job's store when unsharded)."""
+        self.shard_index, self.shards, self.shard_nodes = 0, 1, 0
+        self.root: Any = None
+        """Sharded: the agent's two connections to the root store."""
         self.silent = False
         self.active = False
         self.urgent = asyncio.Event()
@@ -341,6 +354,10 @@ class SimulatedAgent:
         self.world_size = placement.world_size
         self.nnodes = placement.nnodes
         self.store_port = placement.master_port
+        self.shards = store_barrier.shard_count(placement.nnodes, placement.nodes_per_shard)
+        self.shard_index, self.shard_nodes = store_barrier.shard_of(placement.node_rank, placement.nnodes,
+                                                                    placement.nodes_per_shard)
+        self.shard_port = placement.control_port or placement.master_port
         self.pacer.configure(placement.detection)
 
     def rebuild(self, generation: int, received: float, released: asyncio.Future[bytes] | None = None) -> None:
@@ -371,13 +388,15 @@ class SimulatedAgent:
     def _connect_store(self) -> None:
         """The agent's two store connections, opened when its ranks start, as a real agent's are: the store server
         accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
-        self.store = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
+        self.store = store_barrier.connect(self.args.store_host, self.shard_port, self.args.rendezvous_deadline_s)
+        if self.shards > 1:
+            self.root = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
 
     def _connect_watcher(self) -> None:
         """The watcher connection: with the others when the ranks start; a spare that takes over opens it once its
         barrier was released (the Recover told it where the store is; the store server accepts connections one at a
         time, and a third one before its arrival would hold the barrier up)."""
-        self.watcher = store_barrier.connect_one(self.args.store_host, self.store_port,
+        self.watcher = store_barrier.connect_one(self.args.store_host, self.shard_port,
                                                      self.args.rendezvous_deadline_s)
 
     def _watch(self) -> None:
@@ -386,16 +405,20 @@ class SimulatedAgent:
             self.watching = True
             self._pools.watch(self)
 
-    def acknowledge(self, generation: int, expected: int) -> None:
+    def shard(self) -> store_barrier.Shard | None:
+        """Where the agent arrives beyond its shard (None: unsharded)."""
+        return None if self.shards == 1 else store_barrier.Shard(self.shard_index, self.shards, *self.root)
+
+    def acknowledge(self, generation: int, expected: int, shards_acking: int) -> None:
         """The agent acted on `generation`'s notice (on its first store connection: the waiter's may be blocked)."""
-        generation_notice.acknowledge(self.store[0], generation, expected)
+        generation_notice.acknowledge(self.store[0], generation, expected, self.shard(), shards_acking)
 
     def arrive(self, generation: int) -> store_barrier.GenerationBarrier:
         """The node's arrival at the job-wide barrier, made once all of its simulated ranks arrived (at once: they
         are simulated). The local hop of real ranks to their agent is not simulated."""
         if self.store is None:
             self._connect_store()
-        barrier = store_barrier.GenerationBarrier(*self.store, generation, self.nnodes)
+        barrier = store_barrier.GenerationBarrier(*self.store, generation, self.shard_nodes, self.shard())
         barrier.arrive()
         return barrier
 

@@ -162,6 +162,6 @@ def test_a_hard_limit_on_open_files_too_low_for_the_job_is_said_in_one_line(laun
     assert run.wait(120) == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     warnings = [line for line in run.stderr.splitlines() if "descriptor_limit" in line]
     assert len(warnings) == 1, run.stderr
-    assert "hard limit is 1100" in warnings[0] and "ulimit -Hn" in warnings[0] and "about 211 nodes" in warnings[0]
+    assert "hard limit is 1100" in warnings[0] and "ulimit -Hn" in warnings[0] and "about 140 nodes" in warnings[0]
     assert (out / "0.json").exists()
     assert launcher.survivors() == []
