@@ -24,7 +24,6 @@ from flashrun.config import (
     Detection,
     Endpoint,
     LaunchConfig,
-    Timeouts,
     cpu_count,
     node_timeout_from_rdzv_conf,
     parse_detection,
@@ -305,6 +304,9 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
 @click.option("--store-shard-nodes", default=NODES_PER_STORE_SHARD, type=click.IntRange(min=0), show_default=True,
               help="Split the store work of a recovery over one store server per this many nodes (0: one server).")
 @_option("--master-addr", default=None, help="Host workers reach this coordinator's TCPStore at. [default: --bind's]")
+@_option("--rdzv-conf", default="",
+         help="KEY=VALUE,...: keep_alive_interval (seconds) x keep_alive_max_attempt: how long a silent node may be "
+              "before it is lost (default 10 s), as for the launcher.")
 @_option("--log-dir", default=None, help="Where events.jsonl is written.")
 @click.option("--token-file", default=None, help="File with the job's shared secret (or set FLASHRUN_TOKEN).")
 @click.option("--allow-inject", is_flag=True, help="Accept `flashrun inject` fault drills for this job.")
@@ -318,11 +320,12 @@ def coordinator(**options: object) -> None:
     try:
         min_nodes, max_nodes = parse_nnodes(str(options["nnodes"]))
         bind = parse_endpoint(str(options["bind"]), DEFAULT_RDZV_PORT)
-        timeouts = Timeouts()
+        rdzv_conf = parse_rdzv_conf(str(options["rdzv_conf"]))
+        timeouts = timeouts_from_rdzv_conf(rdzv_conf, None)  # the same keys are valid as for the launcher
         spec = JobSpec(
             run_id=str(options["rdzv_id"]), token=resolve_token(options["token_file"], os.environ, False),  # type: ignore[arg-type]
             min_nodes=min_nodes, max_nodes=max_nodes, max_restarts=int(options["max_restarts"]),  # type: ignore[call-overload]
-            stop_ack_s=timeouts.stop_ack_s, detection=_detection(options),
+            stop_ack_s=timeouts.stop_ack_s, detection=_detection(options, node_timeout_from_rdzv_conf(rdzv_conf)),
             max_recoveries=int(options["max_recoveries"]),  # type: ignore[call-overload]
             allow_inject=bool(options["allow_inject"]),
             nodes_per_store_shard=int(options["store_shard_nodes"]),  # type: ignore[call-overload]

@@ -3,8 +3,8 @@
 Measures the barrier a new generation passes before its process group forms (flashrun/agent/store_barrier.py: the
 real `GenerationBarrier`, imported, not copied), in four designs:
 - shard (flashrun's beyond --shard-nodes nodes): as node, but each shard of --shard-nodes nodes arrives and waits on
-  a store server of its own, and the node completing a shard passes it on to the root (the first server) and copies
-  the root's release back;
+  a store server of its own; the last to arrive marks the shard full, and the shard's first node (its leader) passes
+  it on to the root (the first server) and copies the root's release back;
 - node (flashrun's up to --shard-nodes nodes): each node's agent arrives once for its ranks, and waits once on ONE
   server (flashrun/agent/node_barrier.py); the local hop from the ranks to their agent is not part of this benchmark;
 - rank (the previous one): every rank arrives and waits on the store itself;
@@ -108,7 +108,10 @@ def _drive(design: str, nodes: list[tuple[Any, Any]], generation: int, world_siz
                     for store, waiter, (arriving, shard) in nodes]
         for barrier in barriers:
             barrier.arrive()
-        for barrier in sorted(barriers, key=lambda b: not b.closed_shard):  # a closer copies its shard's release
+        leaders_first = sorted(barriers, key=lambda b: not (b.shard and b.shard.leads))
+        for barrier in leaders_first:  # every leader passes its shard up before any waits for the root's release
+            barrier.pass_up(STORE_TIMEOUT_S)
+        for barrier in leaders_first:  # a leader copies the root's release to its shard
             assert barrier.await_release(STORE_TIMEOUT_S) == COMPLETE
         return
     if design == "old":
@@ -136,7 +139,7 @@ def worker(ports: list[int], first_node: int, node_count: int, shard_nodes: int,
            commands: Any, results: Any) -> None:
     import torch.distributed as dist
 
-    from flashrun.agent.store_barrier import Shard, shard_count, shard_of
+    from flashrun.agent.store_barrier import Shard, leads_shard, shard_count, shard_of
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -147,27 +150,37 @@ def worker(ports: list[int], first_node: int, node_count: int, shard_nodes: int,
         return CountingStore(dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
                                            timeout=timeout), ops)
 
-    nodes = [(connect(), connect()) for _ in range(node_count)]
-    shares = [nodes[i::threads] for i in range(threads)]
-    sharded: list[list[Any]] = []
-    """The shard design's nodes: connections to their shard's server and to the root, as a sharded job's agent's."""
+    def plain() -> list[Any]:
+        """Two connections per node to the one server."""
+        return [(connect(), connect()) for _ in range(node_count)]
+
+    def sharded(nnodes: int) -> list[Any]:
+        """Two connections per node to its shard's server and, for a shard's leader beyond the first shard, two to
+        the root (the first server), as a sharded job's agent has."""
+        count, built = shard_count(nnodes, shard_nodes), []
+        for node in range(first_node, first_node + node_count):
+            index, arriving = shard_of(node, nnodes, shard_nodes)
+            own = (connect(ports[index]), connect(ports[index]))
+            shard = None if count == 1 else Shard(index, count)
+            if shard and leads_shard(node, nnodes, shard_nodes):
+                shard = Shard(index, count, *(own if index == 0 else (connect(), connect())))
+            built.append((*own, (arriving, shard)))
+        return built
+
+    # Only one design's connections are open at a time.
+    family, nodes, shares = "", [], []  # opened for the first command, before it is armed
     results.put(("ready", None))
     while (command := commands.get()) is not None:
         design, generation, world_size = command
-        if design == "shard" and not sharded:
-            nnodes = world_size // RANKS_PER_NODE
-            count = shard_count(nnodes, shard_nodes)
-            built = []
-            for node in range(first_node, first_node + node_count):
-                index, arriving = shard_of(node, nnodes, shard_nodes)
-                root = (connect(), connect()) if count > 1 else None
-                shard = Shard(index, count, *root) if root else None
-                built.append((connect(ports[index]), connect(ports[index]), (arriving, shard)))
-            sharded = [built[i::threads] for i in range(threads)]
+        wanted = "shard" if design == "shard" else "plain"
+        if wanted != family:
+            nodes = shares = []  # closed before the other design's are opened
+            family, nodes = wanted, sharded(world_size // RANKS_PER_NODE) if wanted == "shard" else plain()
+        shares = [nodes[i::threads] for i in range(threads)]
         ops.clear()
         finished = [0.0] * threads
         pool = [threading.Thread(target=_run_share, args=(design, share, generation, world_size, start, finished, i))
-                for i, share in enumerate(sharded if design == "shard" else shares) if share]
+                for i, share in enumerate(shares) if share]
         for thread in pool:
             thread.start()
         results.put(("armed", None))
@@ -191,8 +204,7 @@ def main() -> None:
     designs = args.designs.split(",")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    per_node = 6 if "shard" in designs else 2  # the shard design's 4 connections come on top of the others' 2
-    needed = per_node * max(sizes) // RANKS_PER_NODE + 100
+    needed = 2 * max(sizes) // RANKS_PER_NODE + 100
     if hard < needed:
         sys.exit(f"bench_store: error: RLIMIT_NOFILE hard limit {hard} < {needed} needed for {max(sizes)} ranks")
 

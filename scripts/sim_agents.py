@@ -78,8 +78,6 @@ class StoreEntry(NamedTuple):
     generation: int
     acks_expected: int | None
     """Acknowledge the generation's notice first (None: told by a Recover message, nothing to acknowledge)."""
-    shards_acking: int
-    """The notice's shards with acknowledgements (a sharded store, flashrun/agent/store_barrier.py)."""
     released: asyncio.Future[bytes] | None
     """Arrive at the generation's barrier; the future gets the release (None: only acknowledge)."""
 
@@ -112,7 +110,7 @@ class StorePools:
     def barrier(self, agent: SimulatedAgent, generation: int) -> asyncio.Future[bytes]:
         """The agent's arrival at `generation`'s barrier; the future gets the release."""
         released: asyncio.Future[bytes] = self._loop.create_future()
-        self._arrivals.put([StoreEntry(agent, generation, None, 1, released)])
+        self._arrivals.put([StoreEntry(agent, generation, None, released)])
         return released
 
     def watch(self, agent: SimulatedAgent) -> None:
@@ -178,12 +176,10 @@ class StorePools:
             if notice.generation > agent.generation:
                 agent.generation = notice.generation  # the placement stays: a notice moves no node
                 released: asyncio.Future[bytes] = self._loop.create_future()
-                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, notice.shards_acking,
-                                          released))
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, released))
                 rebuilds.append((agent, received, released))
             else:  # a Recover message came first: the coordinator still counts the acknowledgement
-                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, notice.shards_acking,
-                                          None))
+                entries.append(StoreEntry(agent, notice.generation, notice.acks_expected, None))
         if entries:
             self._arrivals.put(entries)
         for agent, received, released in rebuilds:
@@ -195,10 +191,10 @@ class StorePools:
         while True:
             batch = [entry for entries in self._drain(self._arrivals.get(), self._arrivals) for entry in entries]
             arrived, failed = [], []
-            for agent, generation, acks_expected, shards_acking, released in batch:
+            for agent, generation, acks_expected, released in batch:
                 try:
                     if acks_expected is not None:
-                        agent.acknowledge(generation, acks_expected, shards_acking)
+                        agent.acknowledge(generation, acks_expected)
                     if released is not None:
                         arrived.append((agent.arrive(generation), released))
                 except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
@@ -214,11 +210,22 @@ class StorePools:
     def _wait(self) -> None:
         while True:
             batches = self._drain(self._waits.get(), self._waits)
-            # The first wait blocks until the release; the rest of the generation's find it there. Those that
-            # completed a shard go first: their shard's release is theirs to copy from the root.
-            waits = sorted((pair for batch in batches for pair in batch), key=lambda pair: not pair[0].closed_shard)
-            done = [(released, self._await(barrier)) for barrier, released in waits]
+            # The first wait blocks until the release; the rest of the generation's find it there. A sharded job's
+            # leaders first pass their shards up to the root, all of them (a root release needs every shard's), then
+            # copy the root's release to their shards, which the other agents wait for.
+            waits = sorted((pair for batch in batches for pair in batch),
+                           key=lambda pair: not (pair[0].shard and pair[0].shard.leads))
+            failed = {id(barrier): outcome for barrier, _ in waits if (outcome := self._pass_up(barrier))}
+            done = [(released, failed.get(id(barrier)) or self._await(barrier)) for barrier, released in waits]
             self._loop.call_soon_threadsafe(self._resolve, done)
+
+    def _pass_up(self, barrier: store_barrier.GenerationBarrier) -> bytes:
+        try:
+            barrier.pass_up(self._deadline_s)
+        except Exception as err:  # noqa: BLE001 - reported as this agent's outcome; the simulator goes on
+            print(f"generation {barrier.generation}: passing the shard up failed: {err}", file=sys.stderr, flush=True)
+            return f"failed: {err}".encode()
+        return b""
 
     def _await(self, barrier: store_barrier.GenerationBarrier) -> bytes:
         try:
@@ -254,9 +261,9 @@ class SimulatedAgent:
         """The job's store (the root of a sharded one)."""
         self.shard_port = 0
         """The agent's shard of the store (the job's store when unsharded)."""
-        self.shard_index, self.shards, self.shard_nodes = 0, 1, 0
+        self.shard_index, self.shards, self.shard_nodes, self.leads = 0, 1, 0, False
         self.root: Any = None
-        """Sharded: the agent's two connections to the root store."""
+        """A shard's leader: its two connections to the root store."""
         self.silent = False
         self.active = False
         self.urgent = asyncio.Event()
@@ -358,6 +365,7 @@ class SimulatedAgent:
         self.shard_index, self.shard_nodes = store_barrier.shard_of(placement.node_rank, placement.nnodes,
                                                                     placement.nodes_per_shard)
         self.shard_port = placement.control_port or placement.master_port
+        self.leads = store_barrier.leads_shard(placement.node_rank, placement.nnodes, placement.nodes_per_shard)
         self.pacer.configure(placement.detection)
 
     def rebuild(self, generation: int, received: float, released: asyncio.Future[bytes] | None = None) -> None:
@@ -389,8 +397,9 @@ class SimulatedAgent:
         """The agent's two store connections, opened when its ranks start, as a real agent's are: the store server
         accepts connections one at a time (with a reverse DNS lookup each, in torch 2.13)."""
         self.store = store_barrier.connect(self.args.store_host, self.shard_port, self.args.rendezvous_deadline_s)
-        if self.shards > 1:
-            self.root = store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
+        if self.leads:
+            self.root = self.store if self.shard_port == self.store_port else \
+                store_barrier.connect(self.args.store_host, self.store_port, self.args.rendezvous_deadline_s)
 
     def _connect_watcher(self) -> None:
         """The watcher connection: with the others when the ranks start; a spare that takes over opens it once its
@@ -407,11 +416,13 @@ class SimulatedAgent:
 
     def shard(self) -> store_barrier.Shard | None:
         """Where the agent arrives beyond its shard (None: unsharded)."""
-        return None if self.shards == 1 else store_barrier.Shard(self.shard_index, self.shards, *self.root)
+        if self.shards == 1:
+            return None
+        return store_barrier.Shard(self.shard_index, self.shards, *(self.root if self.leads else ()))
 
-    def acknowledge(self, generation: int, expected: int, shards_acking: int) -> None:
+    def acknowledge(self, generation: int, expected: int) -> None:
         """The agent acted on `generation`'s notice (on its first store connection: the waiter's may be blocked)."""
-        generation_notice.acknowledge(self.store[0], generation, expected, self.shard(), shards_acking)
+        generation_notice.acknowledge(self.store[0], generation, expected, self.shard_index, self.shards)
 
     def arrive(self, generation: int) -> store_barrier.GenerationBarrier:
         """The node's arrival at the job-wide barrier, made once all of its simulated ranks arrived (at once: they

@@ -333,7 +333,7 @@ class Agent:
             moved.generation = notice.generation
             self._recover(pb.Recover(generation=notice.generation, respawn_local_ranks=respawn, placement=moved),
                           urgent=False)
-        self._barrier.acknowledge(notice.generation, notice.acks_expected, notice.shards_acking)
+        self._barrier.acknowledge(notice.generation, notice.acks_expected)
 
     def _recover(self, recover: pb.Recover, urgent: bool = True) -> None:
         """In place: replace the faulty local workers, move the healthy ones to the new generation."""

@@ -12,12 +12,12 @@ pushes a key to everyone blocked on it from C++. So:
 - direct:    the nodes in `notice.direct_nodes` ignore the notice: a spare taking over a lost node, an agent the
              coordinator does not know to be watching (told by a Recover message), or a lost node's old agent.
 
-Publishing G also releases generation G-1's barrier and acknowledgement as superseded (the first release wins, so a
-barrier that completed stays complete): whoever still waits on them moves on at once.
+Having published G, the coordinator also releases generation G-1's barrier and acknowledgement as superseded (the
+first release wins, so a barrier that completed stays complete): whoever still waits on them moves on at once.
 
 Sharded (agent/store_barrier.py), each shard's store gets a notice of its own, whose `acks_expected` counts that
-shard's agents; the one whose add completes its shard adds 1 at the root (`shards_acked`), and the one that makes it
-`shards_acking` sets `all_acked`: the coordinator still waits on one key.
+shard's agents, and the acknowledgements are counted there: the last sets its shard's `all_acked`, and the
+coordinator waits for every shard's (coordinator/recovery_watch.py). The notices go out before anything else.
 
 Imports torch.distributed only when a store connection is opened, so that importing this module stays cheap.
 """
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flashrun._proto import flashrun_pb2 as pb
-from flashrun.agent.store_barrier import SUPERSEDED, Shard, await_value, barrier_key, shard_key
+from flashrun.agent.store_barrier import SUPERSEDED, await_value, barrier_key, shard_key, supersede
 
 ALL_ACKED = b"acked"
 """The value of `all_acked` once every agent the notice expects acknowledged it."""
@@ -39,36 +39,30 @@ def notice_key(generation: int, shard: int = 0, shards: int = 1) -> str:
 
 
 def publish(store: Any, notice: pb.GenerationNotice) -> None:
-    """The coordinator's side, unsharded: supersede the previous generation's waits, then publish `notice`."""
+    """The coordinator's side, unsharded: publish `notice`, then supersede the previous generation's waits."""
     publish_sharded(store, [(store, notice)])
 
 
 def publish_sharded(root: Any, notices: Sequence[tuple[Any, pb.GenerationNotice]]) -> None:
-    """The coordinator's side: supersede the previous generation's waits, then publish each shard's notice on its
-    store (`notices`: one per shard, in shard order; the first shard's store may be the root)."""
+    """The coordinator's side: publish each shard's notice on its store (`notices`: one per shard, in shard order;
+    the first shard's store may be the root), then supersede the previous generation's waits everywhere."""
     shards = len(notices)
     generation = notices[0][1].generation
-    previous = generation - 1
-    decided = root.compare_set(barrier_key(previous, "released"), b"", SUPERSEDED)
-    if shards > 1:
-        for index, (store, _) in enumerate(notices):
-            store.compare_set(shard_key(previous, "released", index, shards), b"", decided)
-    root.compare_set(barrier_key(previous, "all_acked"), b"", SUPERSEDED)
     for index, (store, notice) in enumerate(notices):
         store.set(notice_key(generation, index, shards), notice.SerializeToString())
+    previous = generation - 1
+    supersede(root, [store for store, _ in notices], previous)
+    root.compare_set(barrier_key(previous, "all_acked"), b"", SUPERSEDED)
+    if shards > 1:
+        for index, (store, _) in enumerate(notices):
+            store.compare_set(shard_key(previous, "all_acked", index, shards), b"", SUPERSEDED)
 
 
-def acknowledge(store: Any, generation: int, expected: int, shard: Shard | None = None,
-                shards_acking: int = 1) -> None:
+def acknowledge(store: Any, generation: int, expected: int, shard: int = 0, shards: int = 1) -> None:
     """An agent acted on generation `generation`'s notice; the last of the `expected` ones (of its shard, when
-    sharded: then the last of the `shards_acking` shards) tells the coordinator."""
-    if shard is None:
-        if int(store.add(barrier_key(generation, "acked"), 1)) == expected:
-            store.compare_set(barrier_key(generation, "all_acked"), b"", ALL_ACKED)
-        return
-    if int(store.add(shard_key(generation, "acked", shard.index, shard.count), 1)) == expected \
-            and int(shard.root.add(barrier_key(generation, "shards_acked"), 1)) == shards_acking:
-        shard.root.compare_set(barrier_key(generation, "all_acked"), b"", ALL_ACKED)
+    sharded) tells the coordinator."""
+    if int(store.add(shard_key(generation, "acked", shard, shards), 1)) == expected:
+        store.compare_set(shard_key(generation, "all_acked", shard, shards), b"", ALL_ACKED)
 
 
 def await_notice(waiter: Any, generation: int, timeout_s: float, shard: int = 0,

@@ -14,8 +14,8 @@ without its arrival the barrier cannot complete anywhere.
 `NodeArrivals` decides (pure); `NodeBarrier` carries the decisions out on the store, on two threads of its own. A
 third thread, on a third connection, watches the store for the next generation's notice (agent/generation_notice.py)
 and acknowledges the notices the agent acted on. In a sharded job (store_barrier.py) these three connections go to
-the node's shard, and two more to the root store, for the arrival and release a node makes there when it completes
-its shard.
+the node's shard; a shard's leader opens two more, to the root store, and passes its shard on to the root on its
+wait thread.
 """
 
 from __future__ import annotations
@@ -140,14 +140,15 @@ class NodeBarrier:
         self._send = send
         self._deadline_s = deadline_s
         self._lock = threading.Lock()
-        self._store_at: tuple[str, int, int, int, int] | None = None
-        """The job's store (host, port), and the node's shard of it (its store's port, its index, how many)."""
+        self._store_at: tuple[str, int, int, int, int, bool] | None = None
+        """The job's store (host, port), and the node's shard of it (its store's port, its index, how many, whether
+        the node leads it)."""
         self._nodes = 0
         """The nodes that arrive where this one does (its shard's, when sharded)."""
-        self._connected_at: tuple[str, int, int, int, int] = ("", 0, 0, 0, 1)
+        self._connected_at: tuple[str, int, int, int, int, bool] = ("", 0, 0, 0, 1, False)
         """`_store_at` as of the connections made (on the ops thread)."""
         self._root: tuple[Any, Any] | None = None
-        """Sharded: two connections to the root store (the job's), for a node that completes its shard."""
+        """A shard's leader: two connections to the root store (the job's; None when its shard's is the root)."""
         self._ops: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._waits: queue.SimpleQueue[store_barrier.GenerationBarrier | None] = queue.SimpleQueue()
         self._connections: tuple[Any, Any] | None = None
@@ -161,7 +162,8 @@ class NodeBarrier:
         server listens at `shard_port`. Older barriers are superseded on the old store."""
         index, arriving = store_barrier.shard_of(node_rank, nodes, nodes_per_shard)
         shards = store_barrier.shard_count(nodes, nodes_per_shard)
-        at = (host, port, (shard_port or port) if shards > 1 else port, index, shards)
+        leads = store_barrier.leads_shard(node_rank, nodes, nodes_per_shard)
+        at = (host, port, (shard_port or port) if shards > 1 else port, index, shards, leads)
         with self._lock:
             decision = self._state.supersede_below(generation)
             self._generation = max(self._generation, generation)
@@ -197,9 +199,9 @@ class NodeBarrier:
         """A watch waits on the current store for the next generation's notice."""
         return self._watching
 
-    def acknowledge(self, generation: int, expected: int, shards_acking: int = 1) -> None:
+    def acknowledge(self, generation: int, expected: int) -> None:
         """The agent acted on `generation`'s notice."""
-        self._ops.put(("acknowledge", (generation, expected, shards_acking)))
+        self._ops.put(("acknowledge", (generation, expected)))
 
     def close(self) -> None:
         with self._lock:
@@ -221,16 +223,16 @@ class NodeBarrier:
             decision = self._state.resolved(generation, outcome, detail)
         self._carry_out(decision)
 
-    def _connect(self, host: str, port: int, shard_port: int, shard: int, shards: int) -> None:
+    def _connect(self, host: str, port: int, shard_port: int, shard: int, shards: int, leads: bool) -> None:
         self._connections, self._root, self._broken = None, None, ""
-        self._connected_at = (host, port, shard_port, shard, shards)
+        self._connected_at = (host, port, shard_port, shard, shards, leads)
         with self._lock:
             self._watch_id += 1
             watch_id = self._watch_id
             self._watching = False
         try:
             self._connections = store_barrier.connect(host, shard_port, STORE_CONNECT_TIMEOUT_S)
-            if shard_port != port:
+            if leads and shard_port != port:
                 self._root = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - any failure to connect ends the same way
             self._connections = None
@@ -242,9 +244,11 @@ class NodeBarrier:
 
     def _shard(self) -> store_barrier.Shard | None:
         """Where this node arrives beyond its shard (None: unsharded, its store is the root)."""
-        _, _, _, index, shards = self._connected_at
+        _, _, _, index, shards, leads = self._connected_at
         if shards == 1:
             return None
+        if not leads:
+            return store_barrier.Shard(index, shards)
         root = self._root or self._connections
         assert root is not None
         return store_barrier.Shard(index, shards, *root)
@@ -283,10 +287,9 @@ class NodeBarrier:
                 continue
             if action == "acknowledge":
                 if self._connections is not None:
-                    generation, expected, shards_acking = argument
+                    _, _, _, shard, shards, _ = self._connected_at
                     with contextlib.suppress(Exception):  # unacknowledged, the coordinator sends a Recover instead
-                        generation_notice.acknowledge(self._connections[0], generation, expected, self._shard(),
-                                                      shards_acking)
+                        generation_notice.acknowledge(self._connections[0], *argument, shard, shards)
                 continue
             generation = argument
             if self._connections is None:

@@ -17,12 +17,15 @@ no rank enters gloo's rendezvous, which cannot be aborted, while others give up.
 
 Sharded (`Shard`, more than NODES_PER_STORE_SHARD nodes): the nodes are split into shards of consecutive node ranks,
 each with a store server of its own in the coordinator's process, so that no one server thread handles every node's
-operations. A node arrives and waits on its shard's store (keys `flashrun/g{G}/s{i}/...`); the node whose arrival
-completes its shard, the shard's closer, arrives once for it at the root store (the job's own, `shards_arrived`), and
-the closer of the last shard releases the root. Each closer waits for the root's release and copies it to its shard.
-A release of the root always wins there first and is then copied (never decided per shard), so every node of every
-shard sees the same outcome. The root's server then does O(shards) operations per generation and each shard's
-O(its nodes), in parallel on a host with the cores. With one shard its keys are the root's and nothing is copied.
+operations. A node arrives and waits on its shard's store (keys `flashrun/g{G}/s{i}/...`), as above; the last to
+arrive marks the shard `full` instead of releasing it. The shard's first node leads it: it waits for `full`, arrives
+once for the shard at the root store (the job's own: `shards_arrived`, then `released`, as above), waits for the
+root's release and copies it to its shard. Only leaders hold connections to the root (two more each): a job's
+store connections stay at three per node. A release is decided at the root and only copied to shards (by their
+leaders, or by the coordinator when it supersedes a generation: it also marks each shard `full` then, so that a
+leader waiting for a shard that will never fill moves on), so every node of every shard sees the same outcome. The
+root's server does O(shards) operations per generation and each shard's O(its nodes), in parallel on a host with
+the cores. With one shard its keys are the root's and nothing is copied.
 
 Imports torch.distributed only when a store connection is opened, so that importing this module stays cheap.
 """
@@ -31,12 +34,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Sequence
 from typing import Any
 
 COMPLETE = b"complete"
 """The barrier's release when every participant arrived."""
 SUPERSEDED = b"superseded"
 """The barrier's release when a newer generation was commanded first."""
+FULL = b"full"
+"""A shard's mark once all of its nodes arrived (sharded)."""
 
 
 def barrier_key(generation: int, name: str) -> str:
@@ -57,20 +63,40 @@ def shard_of(node_rank: int, nnodes: int, nodes_per_shard: int) -> tuple[int, in
     return index, min(nodes_per_shard, nnodes - index * nodes_per_shard)
 
 
+def leads_shard(node_rank: int, nnodes: int, nodes_per_shard: int) -> bool:
+    """Whether `node_rank` leads its shard (the shard's first node) in a sharded generation."""
+    return shard_count(nnodes, nodes_per_shard) > 1 and node_rank % nodes_per_shard == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """A node's place in a sharded generation: shard `index` of `count`, and the root store's two connections (the
-    job's store; a blocking get holds the second)."""
+    """A node's place in a sharded generation: shard `index` of `count`; for the shard's leader, its two connections
+    to the root store (a blocking get holds the second), else None."""
 
     index: int
     count: int
-    root: Any
-    root_waiter: Any
+    root: Any = None
+    root_waiter: Any = None
+
+    @property
+    def leads(self) -> bool:
+        return self.root is not None
 
 
 def shard_key(generation: int, name: str, shard: int, shards: int) -> str:
     """A shard's own key; with one shard, the root's."""
     return barrier_key(generation, name if shards == 1 else f"s{shard}/{name}")
+
+
+def supersede(root: Any, shards: Sequence[Any], generation: int) -> None:
+    """The coordinator's side: release `generation`'s barrier as superseded unless it was released first, at the root
+    and then on every shard (`shards`, in shard order, the first of them may be the root), whose leaders stop waiting
+    for it to fill."""
+    decided = root.compare_set(barrier_key(generation, "released"), b"", SUPERSEDED)
+    if len(shards) > 1:
+        for index, store in enumerate(shards):
+            store.compare_set(shard_key(generation, "released", index, len(shards)), b"", decided)
+            store.compare_set(shard_key(generation, "full", index, len(shards)), b"", SUPERSEDED)
 
 
 class GenerationBarrier:
@@ -88,8 +114,8 @@ class GenerationBarrier:
         self.generation = generation
         self.participants = participants
         self.shard = shard
-        self.closed_shard = False
-        """This node's arrival completed its shard: it copies the root's release there."""
+        self._passed_up: bytes | None = None
+        """A leader: its shard's `full` mark, once it went on to the root with it."""
 
     def _key(self, name: str) -> str:
         if self.shard is None:
@@ -101,24 +127,35 @@ class GenerationBarrier:
             return
         if self.shard is None:
             self.release(COMPLETE)
-            return
-        self.closed_shard = True
-        if int(self.shard.root.add(barrier_key(self.generation, "shards_arrived"), 1)) == self.shard.count:
-            self.shard.root.compare_set(barrier_key(self.generation, "released"), b"", COMPLETE)
+        else:
+            self.store.compare_set(self._key("full"), b"", FULL)
 
     def release(self, outcome: bytes) -> None:
-        """First release wins; later ones leave it as it is. Sharded, the root's release is decided first and copied
-        to this node's shard (other shards get it from their closers, or from the coordinator's next notice)."""
+        """First release wins; later ones leave it as it is. Sharded, a node does not release on its own: a release
+        is decided at the root (by the last leader, or by the coordinator when it supersedes the generation)."""
         if self.shard is None:
             self.store.compare_set(barrier_key(self.generation, "released"), b"", outcome)
+
+    def pass_up(self, deadline_s: float) -> None:
+        """A shard's leader: once its shard is full, arrive for it at the root (and release the root if it is the last
+        shard). Nothing for any other node. TimeoutError after `deadline_s`."""
+        if self.shard is None or not self.shard.leads or self._passed_up is not None:
             return
-        decided = self.shard.root.compare_set(barrier_key(self.generation, "released"), b"", outcome)
-        self.store.compare_set(self._key("released"), b"", decided)
+        full = await_value(self.waiter, self._key("full"), deadline_s)
+        if full is None:
+            arrived = int(self.store.add(self._key("arrived"), 0))
+            raise TimeoutError(f"only {arrived} of {self.participants} nodes of store shard {self.shard.index} "
+                               f"reached generation {self.generation} within {deadline_s:.1f} s")
+        self._passed_up = full
+        if full == FULL and int(self.shard.root.add(barrier_key(self.generation, "shards_arrived"), 1)) \
+                == self.shard.count:
+            self.shard.root.compare_set(barrier_key(self.generation, "released"), b"", COMPLETE)
 
     def await_release(self, deadline_s: float) -> bytes:
-        """The release (COMPLETE or SUPERSEDED), pushed by the server; TimeoutError after `deadline_s`."""
-        if self.closed_shard:
-            assert self.shard is not None
+        """The release (COMPLETE or SUPERSEDED), pushed by the server; TimeoutError after `deadline_s`. A leader
+        passes its shard up first (`pass_up`), then copies the root's release to its shard."""
+        if self.shard is not None and self.shard.leads:
+            self.pass_up(deadline_s)
             decided = await_value(self.shard.root_waiter, barrier_key(self.generation, "released"), deadline_s)
             if decided is not None:
                 return bytes(self.waiter.compare_set(self._key("released"), b"", decided))

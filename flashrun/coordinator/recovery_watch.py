@@ -2,7 +2,8 @@
 acknowledgements and for its barrier's release, and report them to the job.
 
 So the coordinator learns "every agent acted on the new generation" and "every rank's rendezvous is done" from two
-keys the store server pushes, not from a message per agent (agent/generation_notice.py). Each key has a thread and a
+keys the store server pushes, not from a message per agent (agent/generation_notice.py); in a sharded job from one
+acknowledgement key per shard and the root's release. Each key has a thread and a
 client connection of its own (a blocking get holds its connection), so a late acknowledgement (the agents told
 again by a Recover message) does not hide a release. Waits end early when a newer generation is published (it
 releases the older one's keys as superseded), so one thread per key serves every generation in turn.
@@ -13,73 +14,87 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flashrun.agent import generation_notice, store_barrier
-from flashrun.agent.store_barrier import barrier_key
+from flashrun.agent.store_barrier import barrier_key, shard_key
 
 STORE_CONNECT_TIMEOUT_S = 60.0
 """How long the watch's connection to the coordinator's own store server may take."""
 
 
 class _KeyWatch:
-    """One thread, one connection: wait for `flashrun/g{G}/{name}` of each generation handed to it, in turn."""
+    """One thread, one connection per store server: wait for the keys of each generation handed to it, in turn."""
 
-    def __init__(self, host: str, name: str, wait_s: float, report: Callable[[int, bytes, float], None]) -> None:
+    def __init__(self, host: str, name: str, wait_s: float, report: Callable[[int, list[bytes], float], None]) -> None:
         self._host = host
-        self._name = name
         self._wait_s = wait_s
         self._report = report
-        self._work: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[list[tuple[int, str]], int] | None] = queue.SimpleQueue()
         threading.Thread(target=self._run, name=f"flashrun-watch-{name}", daemon=True).start()
 
-    def put(self, item: tuple[int, int] | None) -> None:
-        self._work.put(item)
+    def put(self, keys: list[tuple[int, str]], generation: int) -> None:
+        """Wait for each (port, key) of `keys`, then report `generation` with their values; with `generation` < 0,
+        only connect to the stores (and drop the connections to any other)."""
+        self._work.put((keys, generation))
+
+    def close(self) -> None:
+        self._work.put(None)
 
     def _run(self) -> None:
-        connection: Any = None
-        connected_to = -1
+        connections: dict[int, Any] = {}
         while (item := self._work.get()) is not None:
-            port, generation = item
+            keys, generation = item
             try:
-                if port != connected_to:
-                    connection, connected_to = None, -1
-                    connection = store_barrier.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
-                    connected_to = port
                 if generation < 0:
-                    continue
-                value = store_barrier.await_value(connection, barrier_key(generation, self._name), self._wait_s)
-                if value is not None:
-                    self._report(generation, value, time.monotonic())
+                    connections = {port: connections.get(port) for port, _ in keys}
+                values = []
+                for port, key in keys:
+                    if connections.get(port) is None:
+                        connections[port] = store_barrier.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
+                    if generation >= 0:
+                        value = store_barrier.await_value(connections[port], key, self._wait_s)
+                        if value is None:
+                            break
+                        values.append(value)
+                else:
+                    if generation >= 0:
+                        self._report(generation, values, time.monotonic())
             except Exception:  # noqa: BLE001 - the store is gone (shutdown, a full restart): agents' messages remain
-                connection, connected_to = None, -1
+                connections = {}
 
 
 class RecoveryWatch:
-    """`use_store` when a generation gets a new store (connects ahead of any recovery); `follow` each published
-    generation. Callbacks run on the watch's threads, with the monotonic time the key arrived."""
+    """`use_store` when a generation gets new stores (connects ahead of any recovery); `follow` each published
+    generation. Callbacks run on the watch's threads, with the monotonic time the (last) key arrived."""
 
     def __init__(self, host: str, wait_s: float, on_acknowledged: Callable[[int, float], None],
                  on_released: Callable[[int, str, float], None]) -> None:
-        def acknowledged(generation: int, value: bytes, now: float) -> None:
-            if value == generation_notice.ALL_ACKED:  # not superseded
+        def acknowledged(generation: int, values: list[bytes], now: float) -> None:
+            if all(value == generation_notice.ALL_ACKED for value in values):  # none superseded
                 on_acknowledged(generation, now)
 
         self._acknowledgements = _KeyWatch(host, "all_acked", wait_s, acknowledged)
         self._releases = _KeyWatch(host, "released", wait_s,
-                                   lambda generation, value, now: on_released(generation, value.decode(), now))
+                                   lambda generation, values, now: on_released(generation, values[0].decode(), now))
 
-    def use_store(self, port: int) -> None:
-        self._acknowledgements.put((port, -1))
-        self._releases.put((port, -1))
+    def use_store(self, port: int, shard_ports: Sequence[int] = ()) -> None:
+        """The job's store is at `port`, its shards' (the first may be the job's) at `shard_ports`."""
+        self._acknowledgements.put([(shard, "") for shard in shard_ports or [port]], -1)
+        self._releases.put([(port, "")], -1)
 
-    def follow(self, port: int, generation: int, acknowledgements: bool) -> None:
-        """Wait for `generation`'s acknowledgements (when any agent was told through the notice) and release."""
-        if acknowledgements:
-            self._acknowledgements.put((port, generation))
-        self._releases.put((port, generation))
+    def follow(self, port: int, generation: int, acknowledging: Sequence[tuple[int, int]] = ((0, 0),),
+               shards: int = 1) -> None:
+        """Wait for `generation`'s acknowledgements on each (store port, shard index) of `acknowledging` (the shards
+        any agent was told through the notice on: none, when `acknowledging` is empty; one shard, at `port`, by
+        default), then for its release on the job's store at `port`."""
+        if acknowledging:
+            self._acknowledgements.put(
+                [(shard_port or port, shard_key(generation, "all_acked", index, shards))
+                 for shard_port, index in acknowledging], generation)
+        self._releases.put([(port, barrier_key(generation, "released"))], generation)
 
     def close(self) -> None:
-        self._acknowledgements.put(None)
-        self._releases.put(None)
+        self._acknowledgements.close()
+        self._releases.close()

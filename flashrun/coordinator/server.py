@@ -129,7 +129,7 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
     # Lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> int:
-        warning = descriptors.ensure(self._job.spec.max_nodes)
+        warning = descriptors.ensure(self._job.spec.max_nodes, self._job.spec.nodes_per_store_shard)
         if warning:
             self._emit(jobs.Event("descriptor_limit", 0, {"detail": warning}))
         # The first store is made before any agent joins: creating it imports torch (over a second), which must
@@ -458,21 +458,22 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
                      for node, ranks in sorted(command.respawn.items())],
         )
         notices = [(stores.job, notice)]
+        acks = [(stores.job.port, command.acks_expected)]
         if len(stores.shards) > 1:
-            acks = command.acks_by_shard
-            notice.shards_acking = sum(1 for count in acks if count)
-            notices = []
-            for shard, count in zip(stores.shards, acks, strict=True):
+            notices, acks = [], []
+            for shard, count in zip(stores.shards, command.acks_by_shard, strict=True):
                 own = pb.GenerationNotice()
                 own.CopyFrom(notice)
                 own.acks_expected = count
                 notices.append((shard, own))
+                acks.append((shard.port, count))
         try:
             generation_notice.publish_sharded(stores.job, notices)
         except Exception as err:  # noqa: BLE001 - the job falls back to Recover messages (JobSpec.notice_fallback_s)
             return jobs.Event("notice_failed", command.generation, {"detail": str(err)})
         if self._watch is not None:
-            self._watch.follow(stores.job.port, command.generation, command.acks_expected > 0)
+            self._watch.follow(stores.job.port, command.generation,
+                               [(port, index) for index, (port, count) in enumerate(acks) if count], len(acks))
         return None
 
     def _pause_collector(self) -> None:
@@ -501,9 +502,13 @@ class CoordinatorServer(pb_grpc.CoordinatorServicer):
             self._apply(self._job.abort(f"cannot host the store's shards: {err}"))
             return
         stores = _Stores(store, shards, per if len(shards) > 1 else 0)
+        if self._stores:  # whoever still waits at the previous generation's barrier there moves on
+            previous = self._stores[-1]
+            with contextlib.suppress(Exception):  # that store is gone: its waits ended with it
+                store_barrier.supersede(previous.job, previous.shards, command.generation - 1)
         self._stores.append(stores)  # the previous generation's stores stay until these are in use
         if self._watch is not None:
-            self._watch.use_store(store.port)
+            self._watch.use_store(store.port, [shard.port for shard in shards])
         for agent_id, a in command.assignments.items():
             self._send(agent_id, pb.CoordinatorMessage(start=self._placement(
                 command.generation, a.node_rank, a.rank_offset, command.world_size, command.nnodes, stores)))

@@ -77,9 +77,12 @@ def stop(run: Run) -> int:
         (["--standalone", "no_such_script.py"], ["no_such_script.py", "does not exist"]),
         (["--numa-binding", "node", PROBE], ["--numa-binding"]),
         (["--module", "--no-python", "tests.probes.env_probe"], ["--module", "--no-python"]),
+        (["--store-shard-nodes", "-1", PROBE], ["--store-shard-nodes", "-1"]),
+        (["coordinator", "--bind", "127.0.0.1:0", "--rdzv-conf", "keep_alive_interval=0"],
+         ["keep_alive_interval", "'0'"]),
     ],
     ids=["nnodes-min-above-max", "nnodes-not-a-number", "nproc-zero", "nproc-word", "missing-script",
-         "unsupported-option", "module-and-no-python"],
+         "unsupported-option", "module-and-no-python", "store-shard-nodes-negative", "coordinator-keep-alive-zero"],
 )
 def test_usage_error(launcher: Launcher, tmp_path: Path, args: list[str], words: list[str]) -> None:
     run = start(launcher, tmp_path, *args)
@@ -162,6 +165,6 @@ def test_a_hard_limit_on_open_files_too_low_for_the_job_is_said_in_one_line(laun
     assert run.wait(120) == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     warnings = [line for line in run.stderr.splitlines() if "descriptor_limit" in line]
     assert len(warnings) == 1, run.stderr
-    assert "hard limit is 1100" in warnings[0] and "ulimit -Hn" in warnings[0] and "about 140 nodes" in warnings[0]
+    assert "hard limit is 1100" in warnings[0] and "ulimit -Hn" in warnings[0] and "about 211 nodes" in warnings[0]
     assert (out / "0.json").exists()
     assert launcher.survivors() == []

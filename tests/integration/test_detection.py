@@ -106,6 +106,28 @@ def test_a_frozen_agent_is_lost_after_torchruns_keep_alive_timeout(launcher: Lau
     assert "job failed: node 1 (" in node0.output and ") was lost; the job cannot continue without it" in node0.output
 
 
+def test_a_coordinator_of_its_own_takes_torchruns_keep_alive_timeout_too(launcher: Launcher, tmp_path: Path) -> None:
+    """`flashrun coordinator --rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=2`, with two launchers joining
+    it: a frozen node is lost after 2 s, as with a launcher hosting the coordinator."""
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir()
+    endpoint = f"127.0.0.1:{free_port()}"
+    coordinator = launcher.flashrun("coordinator", "--bind", endpoint, "--nnodes", "2", "--log-dir", str(logs),
+                                    "--rdzv-conf", "keep_alive_interval=1,keep_alive_max_attempt=2",
+                                    name="coordinator")
+    wait_for(lambda: "coordinator listening" in coordinator.output, 60, "the coordinator")
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    node0 = launcher.flashrun(*common, "--node-rank", "0", FAULT, str(work), "100000", name="node0")
+    node1 = launcher.flashrun(*common, "--node-rank", "1", FAULT, str(work), "100000", name="node1")
+    wait_for(lambda: reached_step(work, 1, 3), 60, "rank 1 to reach step 3")
+    node1.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
+    found = wait_for(lambda: failures(logs), 30, "a failure event")
+    assert node0.wait(60) == 1, node0.output
+    failure = found[0]  # type: ignore[index]
+    assert (failure["kind"], failure["node"]) == ("node_lost", 1)
+    assert failure["evidence"].endswith("(timeout 2 s)") and 2.0 <= failure["silent_s"] < 5.0, failure
+
+
 def test_status_reports_every_rank_of_a_running_job(launcher: Launcher, tmp_path: Path) -> None:
     work, logs = start_job(launcher, tmp_path)
     wait_for(lambda: all(reached_step(work, r, 20) for r in range(3)), 60, "every rank to reach step 20")

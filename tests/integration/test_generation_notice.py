@@ -153,7 +153,7 @@ def watch(server: Any) -> Iterator[tuple[RecoveryWatch, queue.Queue[Any]]]:
 def test_the_coordinators_watch_hears_the_acknowledgements_then_the_release(server: Any, watch: Any) -> None:
     recovery_watch, heard = watch
     generation_notice.publish(server, notice(1, acks=1))
-    recovery_watch.follow(server.port, 1, acknowledgements=True)
+    recovery_watch.follow(server.port, 1)
 
     generation_notice.acknowledge(client(server), 1, 1)
     acknowledged = heard.get(timeout=DEADLINE_S)
@@ -166,10 +166,10 @@ def test_the_coordinators_watch_hears_the_acknowledgements_then_the_release(serv
 def test_a_newer_generation_ends_the_coordinators_watch_of_the_older_one(server: Any, watch: Any) -> None:
     recovery_watch, heard = watch
     generation_notice.publish(server, notice(1, acks=3))
-    recovery_watch.follow(server.port, 1, acknowledgements=True)  # nobody acknowledges generation 1
+    recovery_watch.follow(server.port, 1)  # nobody acknowledges generation 1
 
     generation_notice.publish(server, notice(2, acks=0))
-    recovery_watch.follow(server.port, 2, acknowledgements=False)
+    recovery_watch.follow(server.port, 2, acknowledging=())
     store_barrier.GenerationBarrier(client(server), client(server), 2, 1).arrive()
 
     assert heard.get(timeout=DEADLINE_S) == ("released", 1, "superseded")
@@ -179,7 +179,7 @@ def test_a_newer_generation_ends_the_coordinators_watch_of_the_older_one(server:
 def test_a_release_is_heard_while_acknowledgements_are_still_missing(server: Any, watch: Any) -> None:
     recovery_watch, heard = watch
     generation_notice.publish(server, notice(1, acks=2))
-    recovery_watch.follow(server.port, 1, acknowledgements=True)
+    recovery_watch.follow(server.port, 1)
 
     store_barrier.GenerationBarrier(client(server), client(server), 1, 1).arrive()  # one agent never acknowledges
     assert heard.get(timeout=DEADLINE_S) == ("released", 1, "complete")

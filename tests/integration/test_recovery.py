@@ -243,9 +243,9 @@ def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp
 
 def test_a_job_of_one_node_per_store_shard_recovers_in_place_through_the_root(launcher: Launcher, tmp_path: Path,
                                                                              reference: dict) -> None:
-    """--store-shard-nodes 1: each node watches, acknowledges and arrives on a store server of its own, and passes
-    one arrival and one acknowledgement on to the root (the job's store), where the coordinator watches. A crashed
-    worker is replaced in place, through the shards, with nothing lost."""
+    """--store-shard-nodes 1: each node watches, acknowledges and arrives on a store server of its own (node 0's is
+    the job's store, also the root), and leads its shard: it passes its arrival on to the root, where the coordinator
+    watches. A crashed worker is replaced in place, through the shards, with nothing lost."""
     node0, node1, logs, out = two_watching_nodes(launcher, tmp_path, "--store-shard-nodes", "1")
     before = workers_by_rank(launcher)
     env = environ(before[0])
@@ -259,8 +259,8 @@ def test_a_job_of_one_node_per_store_shard_recovers_in_place_through_the_root(la
     assert (root, shard0) == ([2, 2], [1, 1])
     assert [store.get(f"flashrun/g{g}/{k}") for g in (0, generation) for k in ("released", "s0/released")] \
         == [b"complete"] * 4
-    assert (int(store.add(f"flashrun/g{generation}/shards_acked", 0)), store.get(f"flashrun/g{generation}/all_acked")) \
-        == (2, b"acked")
+    assert (int(store.add(f"flashrun/g{generation}/s0/acked", 0)), store.get(f"flashrun/g{generation}/s0/all_acked")) \
+        == (1, b"acked")
     assert [store.check([f"flashrun/g{generation}/{key}"]) for key in ("arrived", "s1/arrived")] == [False, False]
     assert named(logs, "notice_fallback") == []
     del store

@@ -22,6 +22,7 @@ from flashrun._proto import flashrun_pb2 as pb
 from flashrun.agent import generation_notice, store_barrier
 from flashrun.agent.node_barrier import COMPLETE, NodeBarrier, Release
 from flashrun.agent.store_barrier import Shard
+from flashrun.coordinator.recovery_watch import RecoveryWatch
 from tests.helpers import wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
@@ -62,7 +63,8 @@ def servers(server: Any) -> Iterator[list[Any]]:
 
 
 class Node(threading.Thread):
-    """Node `rank`'s agent at generation `generation`'s sharded barrier: arrive, then wait for the release."""
+    """Node `rank`'s agent at generation `generation`'s sharded barrier: arrive, then wait for the release. A
+    shard's leader has two connections to the root of its own, counted."""
 
     def __init__(self, servers: list[Any], rank: int, generation: int) -> None:
         super().__init__(daemon=True)
@@ -70,7 +72,8 @@ class Node(threading.Thread):
         own = servers[index]
         self.root = CountingStore(client(servers[0]))
         self.root_waiter = CountingStore(client(servers[0]))
-        self.shard = Shard(index, SHARDS, self.root, self.root_waiter)
+        leads = store_barrier.leads_shard(rank, NODES, PER_SHARD)
+        self.shard = Shard(index, SHARDS, self.root, self.root_waiter) if leads else Shard(index, SHARDS)
         self.barrier = store_barrier.GenerationBarrier(client(own), client(own), generation, arriving, self.shard)
         self.outcome: bytes | BaseException | None = None
 
@@ -98,65 +101,77 @@ def passed(nodes: list[Node]) -> list[bytes | BaseException | None]:
     return [node.outcome for node in nodes]
 
 
-def test_shards_of_nodes_pass_one_barrier_and_only_their_closers_touch_the_root(servers: list[Any]) -> None:
+def publish(servers: list[Any], generation: int) -> None:
+    """The coordinator publishes `generation` (superseding the one before) on every shard."""
+    generation_notice.publish_sharded(servers[0], [(store, pb.GenerationNotice(generation=generation))
+                                                   for store in servers])
+
+
+def test_shards_of_nodes_pass_one_barrier_and_only_their_leaders_touch_the_root(servers: list[Any]) -> None:
     nodes = [Node(servers, rank, 1).arrive() for rank in range(NODES)]
 
     assert passed(nodes) == [store_barrier.COMPLETE] * NODES
-    closers = [rank for rank, node in enumerate(nodes) if node.root_ops()]
-    assert closers == [1, 3, 4]  # the last to arrive in each shard
+    assert [rank for rank, node in enumerate(nodes) if node.root_ops()] == [0, 2, 4]  # each shard's first node
     assert sum(node.root_ops() for node in nodes) == 2 * SHARDS + 1  # per shard an add and a get; one release
     assert int(servers[0].add(store_barrier.barrier_key(1, "shards_arrived"), 0)) == SHARDS
     assert [int(servers[i].add(store_barrier.shard_key(1, "arrived", i, SHARDS), 0)) for i in range(SHARDS)] \
         == [2, 2, 1]
 
 
-def test_a_shard_that_never_completes_is_released_by_the_next_generations_notice(servers: list[Any]) -> None:
+def test_a_shard_that_never_fills_is_released_by_the_next_generations_notice(servers: list[Any]) -> None:
     nodes = [Node(servers, rank, 1).arrive() for rank in range(NODES - 1)]  # node 4, shard 2's only node, is lost
     waiting = threading.Thread(target=passed, args=(nodes,), daemon=True)
     waiting.start()
 
-    generation_notice.publish_sharded(servers[0], [(store, pb.GenerationNotice(generation=2)) for store in servers])
+    publish(servers, 2)
     waiting.join(DEADLINE_S)
 
     assert [node.outcome for node in nodes] == [store_barrier.SUPERSEDED] * (NODES - 1)
 
 
-def test_a_root_release_decided_first_wins_on_every_shard(servers: list[Any]) -> None:
-    """Every node arrived (the root is released complete), but no closer copied the release to its shard yet: the
-    next generation's notice copies the root's outcome, not its own."""
-    nodes = [Node(servers, rank, 1).arrive() for rank in range(NODES)]
+def test_a_leader_waiting_for_a_shard_that_never_fills_moves_on_when_it_is_superseded(servers: list[Any]) -> None:
+    leader = Node(servers, 2, 1).arrive()  # node 3, the rest of shard 1, never arrives
+    leader.start()
 
-    generation_notice.publish_sharded(servers[0], [(store, pb.GenerationNotice(generation=2)) for store in servers])
-    others = [node for node in nodes if not node.barrier.closed_shard]
+    publish(servers, 2)
+    leader.join(DEADLINE_S)
+
+    assert leader.outcome == store_barrier.SUPERSEDED
+    assert int(servers[0].add(store_barrier.barrier_key(1, "shards_arrived"), 0)) == 0  # it never went up
+
+
+def test_a_root_release_decided_first_wins_on_every_shard(servers: list[Any]) -> None:
+    """Every node arrived and every leader passed its shard up (the root is released complete), but no leader copied
+    the release to its shard yet: the next generation's notice copies the root's outcome, not its own."""
+    nodes = [Node(servers, rank, 1).arrive() for rank in range(NODES)]
+    for node in nodes:
+        node.barrier.pass_up(DEADLINE_S)  # nothing for the nodes that do not lead
+
+    publish(servers, 2)
+    others = [node for node in nodes if not node.shard.leads]
 
     assert passed(others) == [store_barrier.COMPLETE] * len(others)
 
 
-def test_an_agents_own_release_decides_at_the_root_and_reaches_its_shard(servers: list[Any]) -> None:
-    node, mate = Node(servers, 2, 1).arrive(), Node(servers, 3, 1)
-    mate.start()
+def test_the_coordinator_hears_acknowledged_once_every_shard_acknowledged(servers: list[Any]) -> None:
+    heard: queue.Queue[Any] = queue.Queue()
+    watch = RecoveryWatch("127.0.0.1", DEADLINE_S, lambda g, _t: heard.put(("acknowledged", g)),
+                          lambda g, outcome, _t: heard.put(("released", g, outcome)))
+    try:
+        watch.use_store(servers[0].port, [store.port for store in servers])
+        expected = (1, 2, 1)  # node 1 was told directly
+        watch.follow(servers[0].port, 1, [(store.port, index) for index, store in enumerate(servers)], SHARDS)
+        for rank in (0, 2, 3):
+            index, _ = store_barrier.shard_of(rank, NODES, PER_SHARD)
+            generation_notice.acknowledge(client(servers[index]), 1, expected[index], index, SHARDS)
+        acked = [servers[i].check([store_barrier.shard_key(1, "all_acked", i, SHARDS)]) for i in range(SHARDS)]
+        generation_notice.acknowledge(client(servers[2]), 1, expected[2], 2, SHARDS)
 
-    node.barrier.release(store_barrier.SUPERSEDED)
-    mate.join(DEADLINE_S)
-
-    assert mate.outcome == store_barrier.SUPERSEDED
-    assert servers[0].get(store_barrier.barrier_key(1, "released")) == store_barrier.SUPERSEDED
-
-
-def test_the_coordinator_hears_all_acked_once_every_shard_acknowledged(servers: list[Any]) -> None:
-    acks_by_shard = (1, 2, 1)  # node 1 was told directly
-    acking = [0, 2, 3, 4]
-    all_acked = store_barrier.barrier_key(1, "all_acked")
-    for rank in acking[:-1]:
-        index, _ = store_barrier.shard_of(rank, NODES, PER_SHARD)
-        shard = Shard(index, SHARDS, client(servers[0]), None)
-        generation_notice.acknowledge(client(servers[index]), 1, acks_by_shard[index], shard, shards_acking=3)
-    before_the_last = servers[0].check([all_acked])
-    last = Shard(2, SHARDS, client(servers[0]), None)
-    generation_notice.acknowledge(client(servers[2]), 1, acks_by_shard[2], last, shards_acking=3)
-
-    assert not before_the_last
-    assert store_barrier.await_value(client(servers[0]), all_acked, DEADLINE_S) == generation_notice.ALL_ACKED
+        assert acked == [True, True, False]  # the watch cannot have heard: shard 2's key is missing
+        assert heard.get(timeout=DEADLINE_S) == ("acknowledged", 1)
+    finally:
+        publish(servers, 2)  # ends the watch's wait for generation 1's release
+        watch.close()
 
 
 class Agent:
