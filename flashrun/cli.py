@@ -80,7 +80,33 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+class _OneLineErrors:
+    """Usage errors (click's own too: an option out of range, an unknown option) as one `flashrun: error:` line with
+    exit code 2, like the launcher's own checks, instead of click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)  # type: ignore[misc]
+        except click.ClickException as err:
+            click.echo(f"flashrun: error: {err.format_message()} (see {kwargs.get('prog_name', 'flashrun')} "
+                       "--help)", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            sys.exit(EXIT_JOB_FAILED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _OneLineErrorsCommand(_OneLineErrors, click.Command):
+    pass
+
+
+class _OneLineErrorsGroup(_OneLineErrors, click.Group):
+    pass
+
+
 @click.command(
+    cls=_OneLineErrorsCommand,
     context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
     epilog="Runs SCRIPT on every node like torchrun; see the README for the fault-tolerance options.",
 )
@@ -293,7 +319,7 @@ def _entrypoint(script: str, module: bool, no_python: bool) -> tuple[str, ...]:
     return (sys.executable, "-u", script)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=_OneLineErrorsCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bind", "bind", required=True, help="HOST:PORT to listen on; agents use it as --rdzv-endpoint.")
 @_option("--nnodes", default="1", show_default=True, help="N or MIN:MAX nodes the job needs.")
 @_option("--rdzv-id", default="none", show_default=True, help="Run id; agents must give the same.")
@@ -374,23 +400,7 @@ def status(rdzv_endpoint: str, token_file: str | None, as_json: bool, once: bool
         click.echo(f"flashrun: {attach(lambda: fetch_status(endpoint, token, max_ranks=VIEW_MAX_RANKS))}", err=True)
 
 
-class _OneLineErrors(click.Group):
-    """Usage errors as one `flashrun: error:` line with exit code 2, like the launcher's."""
-
-    def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        try:
-            code = super().main(*args, **kwargs)
-        except click.ClickException as err:
-            click.echo(f"flashrun: error: {err.format_message()} (see {kwargs.get('prog_name', 'flashrun inject')} "
-                       "--help)", err=True)
-            sys.exit(EXIT_USAGE)
-        except click.Abort:
-            sys.exit(EXIT_JOB_FAILED)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--rdzv-endpoint", "--rdzv_endpoint", "rdzv_endpoint", required=True,
               help="HOST:PORT of the job's coordinator (printed by the launcher that hosts it).")
 @click.option("--token-file", default=None, help="File with the job's token (or set FLASHRUN_TOKEN).")

@@ -78,11 +78,13 @@ def stop(run: Run) -> int:
         (["--numa-binding", "node", PROBE], ["--numa-binding"]),
         (["--module", "--no-python", "tests.probes.env_probe"], ["--module", "--no-python"]),
         (["--store-shard-nodes", "-1", PROBE], ["--store-shard-nodes", "-1"]),
+        (["--no-such-option", PROBE], ["--no-such-option"]),
         (["coordinator", "--bind", "127.0.0.1:0", "--rdzv-conf", "keep_alive_interval=0"],
          ["keep_alive_interval", "'0'"]),
     ],
     ids=["nnodes-min-above-max", "nnodes-not-a-number", "nproc-zero", "nproc-word", "missing-script",
-         "unsupported-option", "module-and-no-python", "store-shard-nodes-negative", "coordinator-keep-alive-zero"],
+         "unsupported-option", "module-and-no-python", "store-shard-nodes-negative", "unknown-option",
+         "coordinator-keep-alive-zero"],
 )
 def test_usage_error(launcher: Launcher, tmp_path: Path, args: list[str], words: list[str]) -> None:
     run = start(launcher, tmp_path, *args)
