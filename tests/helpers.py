@@ -6,6 +6,7 @@ find and kill whatever survived, and tests can assert that nothing did.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PROBES = REPO / "tests" / "probes"
@@ -134,3 +136,21 @@ def events(logs: Path) -> list[dict]:
 
 def named(logs: Path, name: str) -> list[dict]:
     return [event for event in events(logs) if event["event"] == name]
+
+
+class CountingStore:
+    """Forwards to a real TCPStore client, counting the operations each call issues (by method name)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.host, self.port = store.host, store.port
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.ops[name] += 1
+            return method(*args, **kwargs)
+
+        return counted

@@ -92,17 +92,23 @@ def test_kill_9_of_an_agent_loses_its_node(launcher: Launcher, tmp_path: Path) -
     wait_for(lambda: launcher.survivors() == [], 15, "every process to be gone")
 
 
-def test_a_frozen_agent_is_lost_after_torchruns_keep_alive_timeout(launcher: Launcher, tmp_path: Path) -> None:
-    """`--rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=2` on the launcher hosting the coordinator: a node
-    whose agent stopped summarising (SIGSTOP: its stream stays open) is lost after 2 s, not the default 10 s."""
-    node0, node1, logs = two_nodes_at_step_3(launcher, tmp_path, "--rdzv-conf",
-                                             "keep_alive_interval=1,keep_alive_max_attempt=2")
+def assert_frozen_node_1_lost_after_2_s(node0: Launch, node1: Launch, logs: Path) -> None:
+    """Freeze node 1's launcher (SIGSTOP: its stream stays open): with a 2 s node timeout it is lost after 2 s, and
+    node 0 exits 1."""
     node1.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
     found = wait_for(lambda: failures(logs), 30, "a failure event")
     assert node0.wait(60) == 1, node0.output
     failure = found[0]  # type: ignore[index]
     assert (failure["kind"], failure["node"]) == ("node_lost", 1)
     assert failure["evidence"].endswith("(timeout 2 s)") and 2.0 <= failure["silent_s"] < 5.0, failure
+
+
+def test_a_frozen_agent_is_lost_after_torchruns_keep_alive_timeout(launcher: Launcher, tmp_path: Path) -> None:
+    """`--rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=2` on the launcher hosting the coordinator: a node
+    whose agent stopped summarising (SIGSTOP: its stream stays open) is lost after 2 s, not the default 10 s."""
+    node0, node1, logs = two_nodes_at_step_3(launcher, tmp_path, "--rdzv-conf",
+                                             "keep_alive_interval=1,keep_alive_max_attempt=2")
+    assert_frozen_node_1_lost_after_2_s(node0, node1, logs)
     assert "job failed: node 1 (" in node0.output and ") was lost; the job cannot continue without it" in node0.output
 
 
@@ -120,12 +126,7 @@ def test_a_coordinator_of_its_own_takes_torchruns_keep_alive_timeout_too(launche
     node0 = launcher.flashrun(*common, "--node-rank", "0", FAULT, str(work), "100000", name="node0")
     node1 = launcher.flashrun(*common, "--node-rank", "1", FAULT, str(work), "100000", name="node1")
     wait_for(lambda: reached_step(work, 1, 3), 60, "rank 1 to reach step 3")
-    node1.signal(signal.SIGSTOP)  # left stopped: the teardown's SIGKILL ends it
-    found = wait_for(lambda: failures(logs), 30, "a failure event")
-    assert node0.wait(60) == 1, node0.output
-    failure = found[0]  # type: ignore[index]
-    assert (failure["kind"], failure["node"]) == ("node_lost", 1)
-    assert failure["evidence"].endswith("(timeout 2 s)") and 2.0 <= failure["silent_s"] < 5.0, failure
+    assert_frozen_node_1_lost_after_2_s(node0, node1, logs)
 
 
 def test_status_reports_every_rank_of_a_running_job(launcher: Launcher, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -216,18 +217,23 @@ def two_watching_nodes(launcher: Launcher, tmp_path: Path, *options: str) -> tup
     return node0, node1, logs, out
 
 
-def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
-                                                          reference: dict) -> None:
-    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery; the recovery
-    reaches both agents through one notice on the store, which each acknowledges there."""
-    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path)
+def recovered_from_a_crash_of_rank_3(launcher: Launcher, logs: Path) -> tuple[Any, int]:
+    """SIGKILL rank 3 (on node 1) and wait for the recovery: a client of the job's store, and the new generation."""
     before = workers_by_rank(launcher)
     env = environ(before[0])
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=30))
     os.kill(before[3], signal.SIGKILL)
     wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
-    generation = named(logs, "recovered")[0]["generation"]
+    return store, named(logs, "recovered")[0]["generation"]
+
+
+def test_each_node_arrives_once_at_a_generations_barrier(launcher: Launcher, tmp_path: Path,
+                                                          reference: dict) -> None:
+    """Two nodes of two ranks: the store barrier counts nodes, both at the start and after a recovery; the recovery
+    reaches both agents through one notice on the store, which each acknowledges there."""
+    node0, node1, logs, out = two_watching_nodes(launcher, tmp_path)
+    store, generation = recovered_from_a_crash_of_rank_3(launcher, logs)
     assert [int(store.add(f"flashrun/g{g}/arrived", 0)) for g in (0, generation)] == [2, 2]
     assert [store.get(f"flashrun/g{g}/released") for g in (0, generation)] == [b"complete", b"complete"]
     assert (int(store.add(f"flashrun/g{generation}/acked", 0)), store.get(f"flashrun/g{generation}/all_acked")) \
@@ -247,13 +253,7 @@ def test_a_job_of_one_node_per_store_shard_recovers_in_place_through_the_root(la
     the job's store, also the root), and leads its shard: it passes its arrival on to the root, where the coordinator
     watches. A crashed worker is replaced in place, through the shards, with nothing lost."""
     node0, node1, logs, out = two_watching_nodes(launcher, tmp_path, "--store-shard-nodes", "1")
-    before = workers_by_rank(launcher)
-    env = environ(before[0])
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    os.kill(before[3], signal.SIGKILL)
-    wait_for(lambda: named(logs, "recovered"), 60, "the recovery")
-    generation = named(logs, "recovered")[0]["generation"]
+    store, generation = recovered_from_a_crash_of_rank_3(launcher, logs)
     root = [int(store.add(f"flashrun/g{g}/shards_arrived", 0)) for g in (0, generation)]
     shard0 = [int(store.add(f"flashrun/g{g}/s0/arrived", 0)) for g in (0, generation)]  # node 0's shard is the root's
     assert (root, shard0) == ([2, 2], [1, 1])

@@ -8,7 +8,6 @@ test can count every store operation one issues: a thin counting wrapper forward
 
 from __future__ import annotations
 
-import collections
 import datetime
 import os
 import queue
@@ -26,31 +25,13 @@ from flashrun.agent.node_barrier import COMPLETE, ERROR, SUPERSEDED, NodeBarrier
 from flashrun.worker import group as group_module
 from flashrun.worker.abort import Aborter
 from flashrun.worker.group import abandon_group, join_generation
-from tests.helpers import free_port, wait_for
+from tests.helpers import CountingStore, free_port, wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
 DEADLINE_S = 30.0
 """Generous for a loaded 2-core machine: a barrier that passes does so in milliseconds."""
 PROMPT_S = 2.0
 """A superseded participant must be released well within this (typically milliseconds); the deadline is far beyond."""
-
-
-class CountingStore:
-    """Forwards to a real store client, counting the operations each call issues."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.ops: collections.Counter[str] = collections.Counter()
-        self.host, self.port = store.host, store.port
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._store, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.ops[name] += 1
-            return method(*args, **kwargs)
-
-        return counted
 
 
 def client(server: Any) -> CountingStore:

@@ -8,7 +8,6 @@ a thin wrapper counts what each connection to the root is asked to do.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import queue
 import threading
@@ -23,30 +22,13 @@ from flashrun.agent import generation_notice, store_barrier
 from flashrun.agent.node_barrier import COMPLETE, NodeBarrier, Release
 from flashrun.agent.store_barrier import Shard
 from flashrun.coordinator.recovery_watch import RecoveryWatch
-from tests.helpers import wait_for
+from tests.helpers import CountingStore, wait_for
 
 STORE_TIMEOUT = datetime.timedelta(seconds=30)
 DEADLINE_S = 30.0
 """Generous for a loaded 2-core machine: what passes does so in milliseconds."""
 NODES, PER_SHARD = 5, 2
 SHARDS = store_barrier.shard_count(NODES, PER_SHARD)
-
-
-class CountingStore:
-    """Forwards to a real store client, counting the operations issued through it."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._store, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.ops[name] += 1
-            return method(*args, **kwargs)
-
-        return counted
 
 
 def client(server: Any) -> Any:
