@@ -25,7 +25,7 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flashrun._proto import flashrun_pb2 as pb
 from flashrun.agent import generation_notice, store_barrier
@@ -61,6 +61,20 @@ class Decision:
     """Arrive at this generation's store barrier for the node."""
     supersede: list[int] = dataclasses.field(default_factory=list)
     """Release these generations' store barriers as superseded (each was arrived at and is unresolved)."""
+
+
+class StoreLocation(NamedTuple):
+    """Where a node's barrier lives: the job's store, and the node's shard of it (agent/store_barrier.py)."""
+
+    host: str
+    port: int
+    """The job's store (the root, when sharded)."""
+    shard_port: int
+    """The node's shard's store (the job's when unsharded)."""
+    shard: int
+    shards: int
+    leads: bool
+    """The node leads its shard: it passes the shard on to the root."""
 
 
 class NodeArrivals:
@@ -140,12 +154,10 @@ class NodeBarrier:
         self._send = send
         self._deadline_s = deadline_s
         self._lock = threading.Lock()
-        self._store_at: tuple[str, int, int, int, int, bool] | None = None
-        """The job's store (host, port), and the node's shard of it (its store's port, its index, how many, whether
-        the node leads it)."""
+        self._store_at: StoreLocation | None = None
         self._nodes = 0
         """The nodes that arrive where this one does (its shard's, when sharded)."""
-        self._connected_at: tuple[str, int, int, int, int, bool] = ("", 0, 0, 0, 1, False)
+        self._connected_at = StoreLocation("", 0, 0, 0, 1, False)
         """`_store_at` as of the connections made (on the ops thread)."""
         self._root: tuple[Any, Any] | None = None
         """A shard's leader: two connections to the root store (the job's; None when its shard's is the root)."""
@@ -163,7 +175,7 @@ class NodeBarrier:
         index, arriving = store_barrier.shard_of(node_rank, nodes, nodes_per_shard)
         shards = store_barrier.shard_count(nodes, nodes_per_shard)
         leads = store_barrier.leads_shard(node_rank, nodes, nodes_per_shard)
-        at = (host, port, (shard_port or port) if shards > 1 else port, index, shards, leads)
+        at = StoreLocation(host, port, (shard_port or port) if shards > 1 else port, index, shards, leads)
         with self._lock:
             decision = self._state.supersede_below(generation)
             self._generation = max(self._generation, generation)
@@ -223,35 +235,36 @@ class NodeBarrier:
             decision = self._state.resolved(generation, outcome, detail)
         self._carry_out(decision)
 
-    def _connect(self, host: str, port: int, shard_port: int, shard: int, shards: int, leads: bool) -> None:
+    def _connect(self, at: StoreLocation) -> None:
+        host, port, shard_port = at.host, at.port, at.shard_port
         self._connections, self._root, self._broken = None, None, ""
-        self._connected_at = (host, port, shard_port, shard, shards, leads)
+        self._connected_at = at
         with self._lock:
             self._watch_id += 1
             watch_id = self._watch_id
             self._watching = False
         try:
             self._connections = store_barrier.connect(host, shard_port, STORE_CONNECT_TIMEOUT_S)
-            if leads and shard_port != port:
+            if at.leads and shard_port != port:
                 self._root = store_barrier.connect(host, port, STORE_CONNECT_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - any failure to connect ends the same way
             self._connections = None
             self._broken = f"the agent cannot reach the job's store at {host}:{shard_port}: {err}"
             return
         if self._on_notice is not None:
-            threading.Thread(target=self._watch, args=(watch_id, host, shard_port, shard, shards),
+            threading.Thread(target=self._watch, args=(watch_id, host, shard_port, at.shard, at.shards),
                              name="flashrun-notice-watch", daemon=True).start()
 
     def _shard(self) -> store_barrier.Shard | None:
         """Where this node arrives beyond its shard (None: unsharded, its store is the root)."""
-        _, _, _, index, shards, leads = self._connected_at
-        if shards == 1:
+        at = self._connected_at
+        if at.shards == 1:
             return None
-        if not leads:
-            return store_barrier.Shard(index, shards)
+        if not at.leads:
+            return store_barrier.Shard(at.shard, at.shards)
         root = self._root or self._connections
         assert root is not None
-        return store_barrier.Shard(index, shards, *root)
+        return store_barrier.Shard(at.shard, at.shards, *root)
 
     def _watch(self, watch_id: int, host: str, port: int, shard: int, shards: int) -> None:
         """Wait for each next generation's notice and hand it to the agent. A store move (full restart) leaves this
@@ -283,13 +296,13 @@ class NodeBarrier:
         while (op := self._ops.get()) is not None:
             action, argument = op
             if action == "connect":
-                self._connect(*argument)
+                self._connect(argument)
                 continue
             if action == "acknowledge":
                 if self._connections is not None:
-                    _, _, _, shard, shards, _ = self._connected_at
+                    at = self._connected_at
                     with contextlib.suppress(Exception):  # unacknowledged, the coordinator sends a Recover instead
-                        generation_notice.acknowledge(self._connections[0], *argument, shard, shards)
+                        generation_notice.acknowledge(self._connections[0], *argument, at.shard, at.shards)
                 continue
             generation = argument
             if self._connections is None:

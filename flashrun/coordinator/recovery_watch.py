@@ -31,12 +31,16 @@ class _KeyWatch:
         self._host = host
         self._wait_s = wait_s
         self._report = report
-        self._work: queue.SimpleQueue[tuple[list[tuple[int, str]], int] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[Sequence[int]] | tuple[list[tuple[int, str]], int] | None] = \
+            queue.SimpleQueue()
         threading.Thread(target=self._run, name=f"flashrun-watch-{name}", daemon=True).start()
 
+    def use(self, ports: Sequence[int]) -> None:
+        """Connect to these store servers now (ahead of any recovery), and drop the connections to any other."""
+        self._work.put((ports,))
+
     def put(self, keys: list[tuple[int, str]], generation: int) -> None:
-        """Wait for each (port, key) of `keys`, then report `generation` with their values; with `generation` < 0,
-        only connect to the stores (and drop the connections to any other)."""
+        """Wait for each (port, key) of `keys`, then report `generation` with their values."""
         self._work.put((keys, generation))
 
     def close(self) -> None:
@@ -44,23 +48,29 @@ class _KeyWatch:
 
     def _run(self) -> None:
         connections: dict[int, Any] = {}
+
+        def connection(port: int) -> Any:
+            if connections.get(port) is None:
+                connections[port] = store_barrier.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
+            return connections[port]
+
         while (item := self._work.get()) is not None:
-            keys, generation = item
             try:
-                if generation < 0:
-                    connections = {port: connections.get(port) for port, _ in keys}
+                if len(item) == 1:
+                    (ports,) = item
+                    connections = {port: connections.get(port) for port in ports}
+                    for port in ports:
+                        connection(port)
+                    continue
+                keys, generation = item
                 values = []
                 for port, key in keys:
-                    if connections.get(port) is None:
-                        connections[port] = store_barrier.connect_one(self._host, port, STORE_CONNECT_TIMEOUT_S)
-                    if generation >= 0:
-                        value = store_barrier.await_value(connections[port], key, self._wait_s)
-                        if value is None:
-                            break
-                        values.append(value)
+                    value = store_barrier.await_value(connection(port), key, self._wait_s)
+                    if value is None:
+                        break
+                    values.append(value)
                 else:
-                    if generation >= 0:
-                        self._report(generation, values, time.monotonic())
+                    self._report(generation, values, time.monotonic())
             except Exception:  # noqa: BLE001 - the store is gone (shutdown, a full restart): agents' messages remain
                 connections = {}
 
@@ -81,8 +91,8 @@ class RecoveryWatch:
 
     def use_store(self, port: int, shard_ports: Sequence[int] = ()) -> None:
         """The job's store is at `port`, its shards' (the first may be the job's) at `shard_ports`."""
-        self._acknowledgements.put([(shard, "") for shard in shard_ports or [port]], -1)
-        self._releases.put([(port, "")], -1)
+        self._acknowledgements.use(shard_ports or [port])
+        self._releases.use([port])
 
     def follow(self, port: int, generation: int, acknowledging: Sequence[tuple[int, int]] = ((0, 0),),
                shards: int = 1) -> None:
