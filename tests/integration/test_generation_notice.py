@@ -125,11 +125,13 @@ def test_after_a_store_move_only_the_new_stores_notices_are_heard(server: Any, a
     (old_watch,) = watch_threads() - earlier
     moved = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
     agent.barrier.place(moved.host, moved.port, 2, 5)  # a full restart into generation 5
+    # The move is carried out on the agent's ops thread: until then `watching` still describes the old watch.
+    new_watch = wait_for(lambda: next(iter(watch_threads() - earlier - {old_watch}), None), DEADLINE_S,
+                         "the watch on the new store to start")
     wait_for(lambda: agent.barrier.watching, DEADLINE_S, "the watch on the new store")
 
     generation_notice.publish(server, notice(1))  # wakes the old store's watch, which must drop it and end
     wait_for(lambda: not old_watch.is_alive(), DEADLINE_S, "the old store's watch to end")
-    (new_watch,) = watch_threads() - earlier
     generation_notice.publish(moved, notice(6))
 
     assert agent.next_notice().generation == 6
